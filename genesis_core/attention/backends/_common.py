@@ -1,0 +1,62 @@
+"""Helpers the backends share: GQA expansion, mask conversion, package versions."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from typing import Optional
+
+import torch
+
+from ..types import AttentionCall
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def package_version(dist: str) -> Optional[str]:
+    """Installed distribution version, or None (never imports the package)."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def module_present(name: str) -> bool:
+    """Whether ``name`` can be found without importing it (a parent that fails to import counts as absent)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def expand_kv(call: AttentionCall) -> tuple:
+    """k and v with their heads repeated to q's head count (views where no GQA)."""
+    k, v = call.k, call.v
+    if call.gqa:
+        group = call.heads // call.kv_heads
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    return k, v
+
+
+def additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A boolean mask (True = attend) as an additive float mask in ``dtype``; float masks pass through."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+        return out.masked_fill_(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def describe_call_device(call: AttentionCall) -> Optional[str]:
+    """Reason when the call is not on a CUDA device (the GPU-only kernels share this check)."""
+    if call.device.type != "cuda":
+        return f"needs CUDA tensors; got device {call.device}"
+    return None
+
+
+def need_half(call: AttentionCall, allowed=HALF_DTYPES) -> Optional[str]:
+    if call.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        return f"dtype {str(call.dtype).replace('torch.', '')} not in ({names})"
+    return None

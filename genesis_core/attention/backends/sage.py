@@ -1,0 +1,94 @@
+"""``sage`` backend: SageAttention (``sageattention.sageattn``), INT8 QK with fp16 PV.
+
+1.x (Triton, verified with 1.0.6): CUDA, float16/bfloat16, head_dim 64/96/128, no mask.
+2.x (CUDA kernels): same API; its head_dim limits are taken from its documentation (64/96/128 here,
+not verified on hardware in this repository). Quantised: accuracy is checked by the autotuner,
+and SageAttention is never picked by AUTO without a measurement.
+
+SageAttention 1.0.6 subtracts the key mean *in place* (``k -= km``) when ``smooth_k=True``, which
+would modify the caller's key tensor; Genesis passes a smoothed copy and ``smooth_k=False`` instead
+(the same function: softmax is invariant to a per-row constant).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from ..registry import Backend, register
+from ..types import AttentionCall
+from ._common import module_present, need_half, package_version
+
+HEAD_DIMS = (64, 96, 128)
+_sageattn = None
+
+
+def _major() -> int:
+    ver = package_version("sageattention") or "0"
+    try:
+        return int(ver.split(".")[0])
+    except ValueError:
+        return 0
+
+
+def _probe() -> Optional[str]:
+    global _sageattn
+    if not module_present("sageattention"):
+        return "not installed (pip install sageattention; needs CUDA and Triton)"
+    if not torch.cuda.is_available():
+        return "no CUDA device: SageAttention runs on CUDA only"
+    try:
+        fn = importlib.import_module("sageattention").sageattn
+    except Exception as exc:
+        return f"import failed: {type(exc).__name__}: {exc}"
+    try:
+        x = torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.float16)
+        out = fn(x, x.clone(), x, tensor_layout="HND", is_causal=False)
+        torch.cuda.synchronize()
+        if not torch.isfinite(out).all():
+            return "probe call returned non-finite values"
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"probe call failed: {type(exc).__name__}: {first}"
+    _sageattn = fn
+    return None
+
+
+def _unsupported(call: AttentionCall) -> Optional[str]:
+    if call.device.type != "cuda":
+        return f"SageAttention needs CUDA tensors; got device {call.device}"
+    reason = need_half(call)
+    if reason:
+        return reason
+    if call.head_dim not in HEAD_DIMS:
+        return f"head_dim {call.head_dim} not in {HEAD_DIMS}"
+    if call.v_head_dim != call.head_dim:
+        return f"v head_dim {call.v_head_dim} differs from q/k head_dim {call.head_dim}"
+    if call.mask is not None:
+        return "SageAttention takes no arbitrary mask; a mask was given"
+    return None
+
+
+def run(call: AttentionCall) -> torch.Tensor:
+    k = call.k - call.k.mean(dim=2, keepdim=True)
+    return _sageattn(call.q, k, call.v, tensor_layout="HND", is_causal=False, sm_scale=call.scale, smooth_k=False)
+
+
+def _description() -> str:
+    major = _major()
+    kind = {1: "1.x Triton INT8-QK kernels", 2: "2.x CUDA INT8-QK/FP8-PV kernels"}.get(major, "unknown major version")
+    return f"sageattention.sageattn ({kind})"
+
+
+backend = register(
+    Backend(
+        name="sage",
+        probe=_probe,
+        unsupported=_unsupported,
+        run=run,
+        description=_description,
+        version=lambda: package_version("sageattention"),
+        tolerance={torch.float16: 5e-2, torch.bfloat16: 5e-2},
+    )
+)

@@ -1,0 +1,154 @@
+"""``sdpa`` backend: ``torch.nn.functional.scaled_dot_product_attention``.
+
+``sdpa`` lets PyTorch pick its sub-kernel. The pinned variants ``sdpa_flash``, ``sdpa_efficient``,
+``sdpa_cudnn`` and ``sdpa_math`` run one sub-kernel through ``torch.nn.attention.sdpa_kernel``
+so the autotuner and users can choose (on an H100, cuDNN and FlashAttention-2 differ ~1.9x).
+A pinned kernel that PyTorch refuses raises, and dispatch falls back along its chain, logging why.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import Backend, register
+from ..types import AttentionCall
+from ._common import HALF_DTYPES, expand_kv, need_half
+
+_TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+SDPA_GQA = _TORCH >= (2, 5)  # enable_gqa= exists from torch 2.5
+
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # torch < 2.3
+    SDPBackend = None
+    sdpa_kernel = None
+
+
+def _probe() -> Optional[str]:
+    if not hasattr(F, "scaled_dot_product_attention"):
+        return f"torch {torch.__version__} has no scaled_dot_product_attention (needs torch >= 2.0)"
+    return None
+
+
+def _mask_for_sdpa(call: AttentionCall) -> Optional[torch.Tensor]:
+    mask = call.mask
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != call.dtype:
+        mask = mask.to(call.dtype)
+    return mask
+
+
+def sdpa(call: AttentionCall) -> torch.Tensor:
+    """Run SDPA on the call (BHND in, BHND out), using native GQA where torch has it."""
+    mask = _mask_for_sdpa(call)
+    if call.gqa and SDPA_GQA:
+        return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=mask, scale=call.scale, enable_gqa=True)
+    k, v = expand_kv(call)
+    return F.scaled_dot_product_attention(call.q, k, v, attn_mask=mask, scale=call.scale)
+
+
+def _no_extra(call: AttentionCall) -> Optional[str]:
+    return None
+
+
+def _flash_limits(call: AttentionCall) -> Optional[str]:
+    if call.mask is not None:
+        return "FlashAttention takes no arbitrary mask; a mask was given"
+    if call.device.type == "cuda":
+        reason = need_half(call)
+        if reason:
+            return reason
+        if call.head_dim > 256 or call.v_head_dim != call.head_dim:
+            return f"head_dim {call.head_dim} (v {call.v_head_dim}) not supported: needs equal q/k/v head_dim <= 256"
+        major, _ = torch.cuda.get_device_capability(call.device)
+        if major < 8:
+            return f"FlashAttention needs compute capability >= 8.0; device has {major}.x"
+        return None
+    if call.device.type == "cpu":
+        if call.v_head_dim != call.head_dim:
+            return f"v head_dim {call.v_head_dim} differs from q/k head_dim {call.head_dim}"
+        return None
+    return f"PyTorch's FlashAttention kernel runs on CUDA and CPU; got device {call.device}"
+
+
+def _cuda_only(call: AttentionCall) -> Optional[str]:
+    if call.device.type != "cuda":
+        return f"this SDPA sub-kernel runs on CUDA only; got device {call.device}"
+    return None
+
+
+def _cudnn_limits(call: AttentionCall) -> Optional[str]:
+    reason = _cuda_only(call) or need_half(call)
+    if reason:
+        return reason
+    if call.head_dim > 256 or call.head_dim % 8:
+        return f"head_dim {call.head_dim} not supported by cuDNN attention (needs a multiple of 8, <= 256)"
+    major, _ = torch.cuda.get_device_capability(call.device)
+    if major < 8:
+        return f"cuDNN attention needs compute capability >= 8.0; device has {major}.x"
+    return None
+
+
+def _pinned(kernel_name: str) -> Callable[[AttentionCall], torch.Tensor]:
+    kernel = getattr(SDPBackend, kernel_name)
+
+    def run(call: AttentionCall) -> torch.Tensor:
+        with sdpa_kernel(kernel):
+            return sdpa(call)
+
+    return run
+
+
+def _version() -> str:
+    return torch.__version__
+
+
+_TOL = {torch.float32: 1e-3, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+backend = register(
+    Backend(
+        name="sdpa",
+        probe=_probe,
+        unsupported=_no_extra,
+        run=sdpa,
+        description=lambda: "torch.nn.functional.scaled_dot_product_attention (PyTorch chooses the sub-kernel)",
+        version=_version,
+        tolerance=dict(_TOL),
+    )
+)
+
+PINNED = {
+    "sdpa_flash": ("FLASH_ATTENTION", _flash_limits, "SDPA pinned to PyTorch's FlashAttention kernel (FA2 on CUDA)"),
+    "sdpa_efficient": ("EFFICIENT_ATTENTION", _cuda_only, "SDPA pinned to the memory-efficient (xformers-derived) kernel"),
+    "sdpa_cudnn": ("CUDNN_ATTENTION", _cudnn_limits, "SDPA pinned to cuDNN fused attention"),
+    "sdpa_math": ("MATH", _no_extra, "SDPA pinned to PyTorch's math reference kernel"),
+}
+
+
+def _pinned_probe(cuda_only: bool = False) -> Optional[str]:
+    if sdpa_kernel is None:
+        return f"torch {torch.__version__} lacks torch.nn.attention.sdpa_kernel"
+    if cuda_only and not torch.cuda.is_available():
+        return "no CUDA device: this SDPA sub-kernel runs on CUDA only"
+    return _probe()
+
+
+for _name, (_kernel, _limits, _desc) in PINNED.items():
+    if SDPBackend is None or not hasattr(SDPBackend, _kernel):
+        register(Backend(name=_name, probe=lambda k=_kernel: f"torch {torch.__version__} has no SDPBackend.{k}",
+                         unsupported=_limits, run=lambda call: None, description=lambda d=_desc: d, version=_version))
+        continue
+    register(
+        Backend(
+            name=_name,
+            probe=lambda c=_limits in (_cuda_only, _cudnn_limits): _pinned_probe(c),
+            unsupported=_limits,
+            run=_pinned(_kernel),
+            description=lambda d=_desc: d,
+            version=_version,
+            tolerance=dict(_TOL),
+        )
+    )
+
+__all__ = ["sdpa", "SDPA_GQA", "HALF_DTYPES"]

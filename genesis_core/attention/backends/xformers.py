@@ -1,0 +1,86 @@
+"""``xformers`` backend: ``xformers.ops.memory_efficient_attention``.
+
+Availability is probed with a tiny real call on CUDA: an xformers wheel built for another torch
+imports fine, warns, and then has no operator for any input (seen on an H100 with torch 2.11 and
+xformers 0.0.35), so an import proves nothing.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from ..registry import Backend, register
+from ..types import AttentionCall
+from ._common import additive_mask, expand_kv, module_present, package_version
+
+_ops = None
+
+
+def _probe() -> Optional[str]:
+    global _ops
+    if not module_present("xformers"):
+        return "not installed (pip install xformers matching your torch build)"
+    try:
+        xformers = importlib.import_module("xformers")
+        ops = importlib.import_module("xformers.ops")
+    except Exception as exc:
+        return f"import failed: {type(exc).__name__}: {exc}"
+    if not torch.cuda.is_available():
+        return "no CUDA device: xformers' memory-efficient kernels run on CUDA only"
+    try:
+        x = torch.randn(1, 16, 1, 64, device="cuda", dtype=torch.float16)
+        out = ops.memory_efficient_attention(x, x, x)
+        torch.cuda.synchronize()
+        if not torch.isfinite(out).all():
+            return "probe call returned non-finite values"
+    except Exception as exc:
+        if not getattr(xformers, "_has_cpp_library", True):
+            built = ""
+            try:
+                info = importlib.import_module("xformers._cpp_lib")._build_metadata
+                built = f" (xformers {package_version('xformers')} was built for torch {info.torch_version}, CUDA {info.cuda_version}; running torch {torch.__version__})"
+            except Exception:
+                built = f" (running torch {torch.__version__})"
+            return "xformers C++ extension not built for this torch" + built
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"probe call failed: {type(exc).__name__}: {first}"
+    _ops = ops
+    return None
+
+
+def _unsupported(call: AttentionCall) -> Optional[str]:
+    if call.device.type != "cuda":
+        return f"xformers kernels need CUDA tensors; got device {call.device}"
+    if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {call.dtype} not in (float16, bfloat16, float32)"
+    return None
+
+
+def run(call: AttentionCall) -> torch.Tensor:
+    k, v = expand_kv(call)
+    bias = None
+    if call.mask is not None:
+        b, h, nq, nk = call.batch, call.heads, call.q_len, call.kv_len
+        # xformers wants a dense bias in q's dtype whose rows are 8-element aligned: pad, then slice.
+        padded = torch.empty((b, h, nq, (nk + 7) // 8 * 8), dtype=call.dtype, device=call.device)
+        bias = padded[..., :nk]
+        bias.copy_(additive_mask(call.mask, call.dtype).expand(b, h, nq, nk))
+    out = _ops.memory_efficient_attention(
+        call.q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, scale=call.scale
+    )
+    return out.transpose(1, 2)
+
+
+backend = register(
+    Backend(
+        name="xformers",
+        probe=_probe,
+        unsupported=_unsupported,
+        run=run,
+        description=lambda: "xformers.ops.memory_efficient_attention (CUTLASS / FlashAttention kernels chosen by xformers)",
+        version=lambda: package_version("xformers"),
+        tolerance={torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-3},
+    )
+)
