@@ -1,0 +1,121 @@
+"""GenesisAttentionSwitch: route a MODEL's attention through Genesis, scoped to that model only."""
+from __future__ import annotations
+
+from typing import Any, List, Tuple
+
+from ..genesis_core._log import log_once, logger
+from ..genesis_core.attention import backend_name
+from ..genesis_core.comfyui import ComfyUINodeInterface, register_comfyui_node
+from ..genesis_core.interop import GenesisAttentionOverride, make_replace_patch
+from ._common import ATTENTION_CHOICES, tooltip
+
+OVERRIDE_KEY = "optimized_attention_override"
+WRAPPER_KEY = "genesis_attention_switch"
+
+
+def comfy_has_override_hook() -> bool:
+    """Whether this ComfyUI build honours ``transformer_options["optimized_attention_override"]``."""
+    try:
+        from comfy.ldm.modules import attention as comfy_attention  # ComfyUI's own module
+    except Exception:
+        return False
+    return hasattr(comfy_attention, "wrap_attn")
+
+
+def _outer_sample_wrapper(override: GenesisAttentionOverride):
+    def wrapper(executor, *args: Any, **kwargs: Any):
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            override.end_run("sampling finished")
+
+    wrapper.genesis_override = override  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _transformer_blocks(diffusion_model) -> List[Tuple[str, int, int, bool]]:
+    """(block name, block number, transformer index, has attn2) for a UNet built from ComfyUI's classes."""
+    found = []
+    groups = (("input", getattr(diffusion_model, "input_blocks", None)),
+              ("middle", [getattr(diffusion_model, "middle_block", None)]),
+              ("output", getattr(diffusion_model, "output_blocks", None)))
+    for name, blocks in groups:
+        if blocks is None:
+            continue
+        for number, block in enumerate(blocks):
+            if block is None:
+                continue
+            for module in block.modules():
+                tblocks = getattr(module, "transformer_blocks", None)
+                if tblocks is None:
+                    continue
+                for index, tb in enumerate(tblocks):
+                    found.append((name, number, index, getattr(tb, "attn2", None) is not None))
+    return found
+
+
+def apply_replace_patches(model, override: GenesisAttentionOverride) -> int:
+    """Fallback for ComfyUI builds without the override hook: attn1/attn2 replace patches on every UNet
+    transformer block. Returns how many blocks were patched (0 for architectures it cannot see)."""
+    patch = make_replace_patch(override)
+    diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)
+    blocks = _transformer_blocks(diffusion_model) if diffusion_model is not None else []
+    for name, number, index, has_attn2 in blocks:
+        model.set_model_attn1_replace(patch, name, number, index)
+        if has_attn2:
+            model.set_model_attn2_replace(patch, name, number, index)
+    return len(blocks)
+
+
+@register_comfyui_node("GenesisAttentionSwitch", display_name="Genesis Attention Switch")
+class GenesisAttentionSwitch(ComfyUINodeInterface):
+    """MODEL + attention choice -> a patched clone of the MODEL."""
+
+    CATEGORY = "genesis/attention"
+    DESCRIPTION = (
+        "Runs the model's attention through Genesis with the chosen backend. Only the returned model "
+        "changes (a clone with its own attention override); the input model is untouched. 'auto' picks "
+        "the fastest measured backend per call shape. Unavailable choices fall back to sdpa, then pytorch, "
+        "and the log says why. After each sampling run the log lists which backend served each call shape."
+    )
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A clone of the model whose attention runs through Genesis.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", tooltip("The diffusion model to patch (it is cloned, never changed in place).")),
+                "attention": (list(ATTENTION_CHOICES), tooltip(
+                    "Attention backend: auto (measured choice), flash, sage, xformers, sdpa or pytorch (plain math). "
+                    "Marks show which work on this server; unavailable ones fall back to sdpa.",
+                    default="auto")),
+            }
+        }
+
+    def execute(self, model, attention: str = "auto"):
+        name = backend_name(attention)  # ValueError naming the valid choices
+        patched = model.clone()
+        override = GenesisAttentionOverride(name)
+        if comfy_has_override_hook():
+            to = patched.model_options.setdefault("transformer_options", {})
+            to[OVERRIDE_KEY] = override
+        else:
+            n = apply_replace_patches(patched, override)
+            if n:
+                log_once(("switch-replace-fallback",),
+                         "this ComfyUI has no optimized_attention_override hook; Genesis patches the model's "
+                         f"attn1/attn2 blocks instead ({n} transformer blocks)")
+            else:
+                logger.warning("this ComfyUI has no optimized_attention_override hook and the model has no UNet "
+                               "transformer blocks Genesis can patch; attention is left as it was")
+        if hasattr(patched, "add_wrapper_with_key"):
+            try:
+                from comfy.patcher_extension import WrappersMP
+
+                if hasattr(patched, "remove_wrappers_with_key"):
+                    patched.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+                patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper(override))
+            except ImportError:
+                pass
+        return (patched,)

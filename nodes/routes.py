@@ -1,0 +1,131 @@
+"""Server routes: ``GET /genesis/backends`` (read-only), registered only inside a running ComfyUI server.
+
+The payload lists the attention backends and compute backends, each available or the reason it is not,
+their versions, which backend serves each node choice, and the autotuner's measured timings when there
+are some. No request parameter is read: nothing from a user reaches the filesystem or a shell.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+from ..genesis_core._log import logger
+
+ROUTE = "/genesis/backends"
+_registered = False
+
+
+def _attention_rows() -> List[Dict[str, Any]]:
+    from ..genesis_core.attention import backends_report
+
+    return [dict(row) for row in backends_report()]
+
+
+def _choice_rows(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """For every node choice (auto, flash, ...): usable or not, and why."""
+    from ._common import ATTENTION_CHOICES
+
+    by_name = {r["name"]: r for r in rows}
+    out = {}
+    for choice in ATTENTION_CHOICES:
+        if choice == "auto":
+            out[choice] = {"available": True, "reason": None, "note": "measured choice per call shape, else sdpa"}
+            continue
+        row = by_name.get(choice)
+        if row is None:
+            out[choice] = {"available": False, "reason": "not registered in this Genesis build"}
+        else:
+            out[choice] = {"available": bool(row["available"]), "reason": row["reason"], "version": row.get("version"),
+                           "kernel": row.get("kernel")}
+    return out
+
+
+def _compute_rows() -> List[Dict[str, Any]]:
+    from ..genesis_core.compute.backends import detect_backends
+
+    rows = []
+    for backend, status in detect_backends().items():
+        details = {k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v)) for k, v in status.details.items()}
+        rows.append({"name": backend.value, "available": status.available, "reason": status.reason,
+                     "devices": list(status.devices), "details": details})
+    return rows
+
+
+def _autotune() -> Optional[Dict[str, Any]]:
+    """Measured timings from the autotuner, when it exists and has any."""
+    try:
+        from ..genesis_core.attention import autotune
+    except ImportError:
+        return None
+    for name in ("report", "measurements", "timings"):
+        fn = getattr(autotune, name, None)
+        if callable(fn):
+            try:
+                data = fn()
+            except Exception as exc:  # the route must answer even if the cache is odd
+                return {"error": f"{type(exc).__name__}: {exc}"}
+            return data or None
+    return None
+
+
+def fastest_choice(timings: Any) -> Optional[str]:
+    """The backend with the most per-signature wins in the autotuner's data, if it can tell."""
+    if not isinstance(timings, dict):
+        return None
+    wins: Dict[str, int] = {}
+    for entry in timings.values() if isinstance(timings.get("signatures", None), type(None)) else timings["signatures"].values():
+        if isinstance(entry, dict):
+            best = entry.get("best") or entry.get("choice")
+            if best is None and isinstance(entry.get("timings"), dict) and entry["timings"]:
+                best = min(entry["timings"], key=lambda k: entry["timings"][k])
+            if isinstance(best, str):
+                wins[best] = wins.get(best, 0) + 1
+    return max(wins, key=wins.get) if wins else None
+
+
+def backends_payload() -> Dict[str, Any]:
+    """Everything ``GET /genesis/backends`` returns (also usable without a server)."""
+    from ..genesis_core.attention import served_signatures
+
+    rows = _attention_rows()
+    timings = _autotune()
+    return {
+        "attention": rows,
+        "choices": _choice_rows(rows),
+        "compute": _compute_rows(),
+        "autotune": timings,
+        "fastest": fastest_choice(timings),
+        "served": served_signatures(),
+        "time": time.time(),
+    }
+
+
+def register() -> bool:
+    """Add the routes to ComfyUI's PromptServer if this process runs one; return whether it did."""
+    global _registered
+    if _registered:
+        return True
+    server = sys.modules.get("server")  # never import it: outside ComfyUI "server" may be anything
+    prompt_server = getattr(getattr(server, "PromptServer", None), "instance", None)
+    routes = getattr(prompt_server, "routes", None)
+    if routes is None:
+        return False
+    from aiohttp import web
+
+    @routes.get(ROUTE)
+    async def genesis_backends(request):  # noqa: ARG001 (no request data is read)
+        import asyncio
+
+        payload = await asyncio.get_running_loop().run_in_executor(None, backends_payload)
+        return web.json_response(payload, dumps=_dumps)
+
+    _registered = True
+    logger.debug("registered %s", ROUTE)
+    return True
+
+
+def _dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, default=str)
