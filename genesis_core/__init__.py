@@ -3,6 +3,8 @@
 Public API of the spec (``from genesis.core import ...`` re-exports this module).
 ``genesis_core.attention`` is the dispatch *function*; the subpackage's other modules are reached
 with ``from genesis_core.attention import ...`` / ``from genesis_core.attention.modules import ...``.
+Importing genesis_core imports torch but no optional package (flash-attn, xformers, sage,
+onnxruntime, wgpu) and touches no GPU: those are probed lazily, on first use.
 """
 from __future__ import annotations
 
@@ -18,4 +20,32 @@ from .attention import (  # noqa: E402
     set_default_backend,
     use_backend,
 )
+from .attention.modules import (  # noqa: E402
+    AdaptiveAttentionSwitch,
+    CrossAttentionInterface,
+    CrossAttentionModule,
+    create_attention_interface,
+)
+from .comfyui import COMFYUI_NODE_REGISTRY, ComfyUINodeInterface, register_comfyui_node  # noqa: E402
+from .info import get_interface_info  # noqa: E402
 from .attention.dispatch import attention  # noqa: E402  (the function shadows the subpackage name on purpose)
+
+__all__ = [
+    "AdaptiveAttentionSwitch",
+    "AttentionType",
+    "COMFYUI_NODE_REGISTRY",
+    "ComfyUINodeInterface",
+    "CrossAttentionInterface",
+    "CrossAttentionModule",
+    "attention",
+    "backend_name",
+    "backends_report",
+    "create_attention_interface",
+    "explain",
+    "get_interface_info",
+    "last_backend",
+    "register_comfyui_node",
+    "served_signatures",
+    "set_default_backend",
+    "use_backend",
+]

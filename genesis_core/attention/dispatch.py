@@ -187,7 +187,7 @@ def _validate(q, k, v, mask, layout: str, scale) -> Optional[tuple]:
             f"(each dimension must match or be 1, and the last must be Nk={nk})"
         )
     s = tuple(mask.shape)
-    return {1: (1, 1, 1) + s, 2: (1, 1) + s, 3: (s[0], 1, s[1], s[2]), 4: s}[mask.dim()]
+    return (1,) * (4 - len(s)) + s if len(s) != 3 else (s[0], 1, s[1], s[2])
 
 
 # ---------------------------------------------------------------- planning

@@ -73,13 +73,13 @@ def _unsupported(call: AttentionCall) -> Optional[str]:
         return PINNED["sdpa_flash"][1](call)
     if call.mask is not None:
         return "FlashAttention takes no arbitrary mask; a mask was given"
-    if call.device.type != "cuda":
-        return f"{_impl[0]} needs CUDA tensors; got device {call.device}"
     reason = need_half(call)
     if reason:
         return reason
     if call.head_dim > 256 or call.v_head_dim != call.head_dim:
         return f"head_dim {call.head_dim} (v {call.v_head_dim}) not supported: needs equal q/k/v head_dim <= 256"
+    if call.device.type != "cuda":
+        return f"{_impl[0]} needs CUDA tensors; got device {call.device}"
     return None
 
 

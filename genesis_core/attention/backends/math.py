@@ -45,16 +45,17 @@ def run(call: AttentionCall, budget: int = SCORE_BUDGET_BYTES) -> torch.Tensor:
         else:
             mask = mask.reshape(mask.shape[0], hkv, g, mask.shape[2], mask.shape[3])
     out = torch.empty((b, hkv, g, nq, v.shape[-1]), dtype=q.dtype, device=q.device)
+    acc = torch.promote_types(q.dtype, torch.float32)  # float32 softmax (float64 stays float64)
     step = query_block(call, budget)
     for start in range(0, nq, step):
         stop = min(nq, start + step)
-        scores = torch.matmul(qg[:, :, :, start:stop], kt).float().mul_(call.scale)
+        scores = torch.matmul(qg[:, :, :, start:stop], kt).to(acc).mul_(call.scale)
         if mask is not None:
             m = mask if mask.shape[3] == 1 else mask[:, :, :, start:stop]
             if m.dtype == torch.bool:
                 scores.masked_fill_(~m, float("-inf"))
             else:
-                scores.add_(m.float())
+                scores.add_(m.to(acc))
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         out[:, :, :, start:stop] = torch.matmul(probs, vg)
     return out.reshape(b, hq, nq, v.shape[-1])

@@ -56,8 +56,6 @@ def _probe() -> Optional[str]:
 
 
 def _unsupported(call: AttentionCall) -> Optional[str]:
-    if call.device.type != "cuda":
-        return f"SageAttention needs CUDA tensors; got device {call.device}"
     reason = need_half(call)
     if reason:
         return reason
@@ -67,6 +65,8 @@ def _unsupported(call: AttentionCall) -> Optional[str]:
         return f"v head_dim {call.v_head_dim} differs from q/k head_dim {call.head_dim}"
     if call.mask is not None:
         return "SageAttention takes no arbitrary mask; a mask was given"
+    if call.device.type != "cuda":
+        return f"SageAttention needs CUDA tensors; got device {call.device}"
     return None
 
 

@@ -51,10 +51,10 @@ def _probe() -> Optional[str]:
 
 
 def _unsupported(call: AttentionCall) -> Optional[str]:
+    if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {str(call.dtype).replace('torch.', '')} not in (float16, bfloat16, float32)"
     if call.device.type != "cuda":
         return f"xformers kernels need CUDA tensors; got device {call.device}"
-    if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {call.dtype} not in (float16, bfloat16, float32)"
     return None
 
 

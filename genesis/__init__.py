@@ -1,0 +1,1 @@
+"""Alias package so the spec's ``from genesis.core import ...`` works. Re-exports only."""

@@ -1,0 +1,1 @@
+"""Alias of :mod:`genesis_core.examples`."""

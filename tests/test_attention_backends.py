@@ -1,0 +1,132 @@
+"""Every backend available here against a float64 reference, on hypothesis-drawn calls."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import reference_attention, requires_cuda
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from genesis_core.attention import attention, explain, last_backend
+from genesis_core.attention import registry
+
+# Relative error (max-abs error over max-abs reference) allowed per dtype.
+TOL = {torch.float32: 2e-4, torch.float64: 1e-9, torch.bfloat16: 4e-2, torch.float16: 6e-3}
+QUANTISED_TOL = 6e-2  # sage: INT8 QK
+
+
+def rel_err(out, ref):
+    return ((out.double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+@st.composite
+def calls(draw, device="cpu", dtypes=(torch.float32, torch.bfloat16, torch.float64)):
+    b = draw(st.integers(1, 2))
+    hkv = draw(st.integers(1, 3))
+    group = draw(st.sampled_from([1, 1, 2]))
+    nq = draw(st.integers(1, 70))
+    nk = draw(st.integers(1, 70))
+    d = draw(st.sampled_from([40, 64, 80, 128, 160]))
+    dv = draw(st.sampled_from([d, d, 32]))
+    dtype = draw(st.sampled_from(dtypes))
+    layout = draw(st.sampled_from(["BHND", "BNHD"]))
+    mask_kind = draw(st.sampled_from(["none", "bool", "additive"]))
+    mask_shape = draw(st.sampled_from(["nk", "nq_nk", "b_nq_nk", "b_h_nq_nk", "b_1_1_nk"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    hq = hkv * group
+    q = torch.randn(b, hq, nq, d, generator=g)
+    k = torch.randn(b, hkv, nk, d, generator=g)
+    v = torch.randn(b, hkv, nk, dv, generator=g)
+    mask = None
+    if mask_kind != "none":
+        shape = {"nk": (nk,), "nq_nk": (nq, nk), "b_nq_nk": (b, nq, nk), "b_h_nq_nk": (b, hq, nq, nk),
+                 "b_1_1_nk": (b, 1, 1, nk)}[mask_shape]
+        keep = torch.rand(shape, generator=g) > 0.3
+        keep[..., 0] = True  # every row attends somewhere (fully masked rows are NaN by definition)
+        mask = keep if mask_kind == "bool" else torch.zeros(shape).masked_fill(~keep, -1e4).to(dtype)
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), (None if mask is None else mask.to(device)), layout
+
+
+def _to_layout(t, layout):
+    return t.transpose(1, 2).contiguous() if layout == "BNHD" else t
+
+
+def check_backend(name, q, k, v, mask, layout, tol):
+    ref = reference_attention(q, k, v, mask)
+    chain = explain(_to_layout(q, layout), _to_layout(k, layout), _to_layout(v, layout), mask, backend=name, layout=layout)
+    expected = next(c["name"] for c in chain if c["reason"] is None)
+    out = attention(_to_layout(q, layout), _to_layout(k, layout), _to_layout(v, layout), mask, backend=name, layout=layout)
+    assert last_backend() == expected, (chain, last_backend())
+    if name != "auto" and chain[0]["reason"] is None:
+        assert last_backend() == name, "a backend that can serve the call must be the one that runs"
+    out = out.transpose(1, 2) if layout == "BNHD" else out
+    assert out.shape == (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    assert out.dtype == q.dtype
+    err = rel_err(out, ref)
+    assert err < tol, f"{name} (ran {expected}) rel err {err:.3g} over {tol}"
+    return expected
+
+
+CPU_BACKENDS = [b.name for b in registry.all_backends()]
+
+
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_backend_matches_float64_reference_cpu(name, data):
+    q, k, v, mask, layout = data.draw(calls())
+    check_backend(name, q, k, v, mask, layout, TOL[q.dtype])
+
+
+def test_auto_matches_reference_and_fp16_cpu():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 33, 64, generator=g).half()
+    k = torch.randn(2, 4, 20, 64, generator=g).half()
+    v = torch.randn(2, 4, 20, 64, generator=g).half()
+    for name in ("auto", "sdpa", "pytorch"):
+        check_backend(name, q, k, v, None, "BHND", TOL[torch.float16])
+
+
+def test_explicit_backend_that_serves_really_runs():
+    q = torch.randn(1, 2, 16, 64)
+    for name in ("pytorch", "sdpa", "sdpa_math", "flash"):
+        if explain(q, q, q, backend=name)[0]["reason"] is None:
+            attention(q, q, q, backend=name)
+            assert last_backend() == name
+
+
+# ------------------------------------------------------------------ GPU
+
+GPU_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_backend_matches_float64_reference_cuda(name, data):
+    q, k, v, mask, layout = data.draw(calls(device="cuda", dtypes=GPU_DTYPES))
+    tol = QUANTISED_TOL if name == "sage" else TOL[q.dtype]
+    check_backend(name, q, k, v, mask, layout, tol)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("name", ["flash", "sage", "xformers", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_cuda_backend_runs_its_own_kernel(name, dtype):
+    """On a shape every CUDA kernel supports, the named backend (when available) serves the call itself."""
+    reason = registry.get(name).available()
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+    q = torch.randn(2, 8, 256, 64, device="cuda", dtype=dtype)
+    k = torch.randn(2, 8, 256, 64, device="cuda", dtype=dtype)
+    v = torch.randn(2, 8, 256, 64, device="cuda", dtype=dtype)
+    k_before = k.clone()
+    out = attention(q, k, v, backend=name)
+    assert last_backend() == name
+    assert torch.equal(k, k_before), f"{name} modified its key input in place"
+    tol = QUANTISED_TOL if name == "sage" else TOL[dtype]
+    assert rel_err(out, reference_attention(q, k, v)) < tol
