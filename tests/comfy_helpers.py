@@ -84,3 +84,123 @@ def attention_basic_reference(q, k, v, heads, mask=None, skip_reshape=False, ski
     if skip_output_reshape:
         return out
     return out.permute(0, 2, 1, 3).reshape(b, out.shape[2], -1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inside a real ComfyUI (run in a subprocess: ComfyUI's top-level modules `nodes`, `server`, `utils`, `app`
+# must not leak into the test process).
+
+
+def comfy_subprocess(function: str, timeout: float = 540.0):
+    """Run ``comfy_helpers.<function>()`` in a fresh interpreter with ComfyUI importable; return its JSON."""
+    import json
+    import subprocess
+
+    path = comfyui_path()
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import comfy_helpers as h; "
+            f"h._comfy_entry({function!r})")
+    env = dict(os.environ, COMFYUI_PATH=str(path), PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
+                         cwd=str(path))
+    marker = "GENESIS_RESULT "
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(marker)]
+    if out.returncode != 0 or not lines:
+        raise AssertionError(f"{function} failed (rc={out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}")
+    result = json.loads(lines[-1][len(marker):])
+    result["_stderr"] = out.stderr
+    return result
+
+
+def _comfy_entry(function: str) -> None:
+    import json
+
+    path = comfyui_path()
+    sys.path.insert(0, str(path))
+    os.chdir(path)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    result = globals()[function]()
+    print("GENESIS_RESULT " + json.dumps(result), flush=True)
+
+
+def tiny_sd_model(seed: int = 0, context_dim: int = 64):
+    """A small SD1.5-style model built from ComfyUI's own classes, random weights, as a ModelPatcher on CPU."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = {"context_dim": context_dim, "model_channels": 32, "use_linear_in_transformer": True, "adm_in_channels": None,
+           "use_temporal_attention": False, "in_channels": 4, "out_channels": 4, "num_res_blocks": [1, 1],
+           "channel_mult": [1, 2], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+           "transformer_depth_middle": 1, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
+           "use_checkpoint": False}
+    config = comfy.supported_models.SD15(cfg)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():  # ComfyUI's ops skip weight init: give every weight real values
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def _sample(model, seed: int = 1, steps: int = 3, size: int = 16, context_dim: int = 64, mask_tokens: bool = False):
+    import comfy.sample
+
+    gen = torch.Generator().manual_seed(seed)
+    latent = torch.randn(1, 4, size, size, generator=gen)
+    noise = torch.randn(1, 4, size, size, generator=gen)
+    pos = [[torch.randn(1, 7, context_dim, generator=gen), {}]]
+    neg = [[torch.randn(1, 5, context_dim, generator=gen), {}]]  # different length: ComfyUI pads/batches
+    return comfy.sample.sample(model, noise, steps, 4.0, "euler", "normal", pos, neg, latent, seed=seed,
+                               disable_pbar=True)
+
+
+def _load_pack_with_comfy_loader():
+    import asyncio
+
+    import nodes  # ComfyUI's own nodes.py
+
+    ok = asyncio.run(nodes.load_custom_node(str(REPO)))
+    return ok, nodes
+
+
+def sampling_check():
+    """Patch a tiny ComfyUI model with every attention choice; compare sampling with the unpatched model."""
+    import importlib
+
+    ok, nodes = _load_pack_with_comfy_loader()
+    switch_cls = nodes.NODE_CLASS_MAPPINGS["GenesisAttentionSwitch"]
+    switch_mod = importlib.import_module(switch_cls.__module__)
+    dispatch = importlib.import_module(switch_cls.__module__.rsplit(".", 2)[0] + ".genesis_core.attention.dispatch")
+    model = tiny_sd_model()
+    options_before = repr(model.model_options)
+    baseline = _sample(model)
+    rows = []
+    choices = switch_cls.INPUT_TYPES()["required"]["attention"][0]
+    available = {r["name"]: r["available"] for r in dispatch.backends_report()}
+    for choice in choices:
+        patched = switch_cls().execute(model, choice)[0]
+        override = patched.model_options["transformer_options"].get("optimized_attention_override")
+        out = _sample(patched)
+        err = float((out - baseline).norm() / baseline.norm())
+        rows.append({"choice": choice, "available": available.get(choice, choice == "auto"), "rel_err": err,
+                     "calls": getattr(override, "calls", 0), "fallback_calls": getattr(override, "fallback_calls", -1),
+                     "is_clone": patched is not model and patched.model is model.model})
+    after = _sample(model)
+    # Fallback for ComfyUI builds without the hook: replace patches.
+    switch_mod.comfy_has_override_hook = lambda: False
+    patched = switch_cls().execute(model, "sdpa")[0]
+    replace = patched.model_options["transformer_options"].get("patches_replace", {})
+    attn1 = list(replace.get("attn1", {}).values())
+    calls_before = attn1[0].genesis_override.calls if attn1 else -1
+    out = _sample(patched)
+    n_blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in model.model.diffusion_model.modules())
+    fallback = {"transformer_blocks": n_blocks, "attn1_blocks": len(replace.get("attn1", {})), "attn2_blocks": len(replace.get("attn2", {})),
+                "has_override_key": "optimized_attention_override" in patched.model_options["transformer_options"],
+                "calls": (attn1[0].genesis_override.calls - calls_before) if attn1 else 0,
+                "rel_err": float((out - baseline).norm() / baseline.norm())}
+    return {"loaded": ok, "rows": rows, "original_untouched": repr(model.model_options) == options_before,
+            "original_after_equal": bool(torch.equal(after, baseline)), "fallback": fallback,
+            "baseline_norm": float(baseline.norm())}
