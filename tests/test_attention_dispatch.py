@@ -154,6 +154,17 @@ def test_every_unsupported_reason(backend, call, pattern):
     assert reason is not None and re.search(pattern, reason), reason
 
 
+def test_sage_1x_refuses_key_lengths_it_gets_wrong(monkeypatch):
+    from genesis_core.attention.backends import sage
+
+    monkeypatch.setattr(sage, "_major", lambda: 1)
+    reason = sage.backend.unsupported(_call(nk=77))
+    assert reason.startswith("key length 77 is not a multiple of 64")
+    assert sage.backend.unsupported(_call(nk=4608)) == "SageAttention needs CUDA tensors; got device meta"
+    monkeypatch.setattr(sage, "_major", lambda: 2)
+    assert sage.backend.unsupported(_call(nk=77)) == "SageAttention needs CUDA tensors; got device meta"
+
+
 def test_flash_cpu_reason_for_unequal_v_head_dim():
     reason = registry.get("sdpa_flash").unsupported(_call(device="cpu", dtype=torch.float32, dv=32))
     assert reason == "v head_dim 32 differs from q/k head_dim 64"

@@ -39,10 +39,10 @@ def _mask_for_sdpa(call: AttentionCall) -> Optional[torch.Tensor]:
     return mask
 
 
-def sdpa(call: AttentionCall) -> torch.Tensor:
-    """Run SDPA on the call (BHND in, BHND out), using native GQA where torch has it."""
+def sdpa(call: AttentionCall, native_gqa: bool = True) -> torch.Tensor:
+    """Run SDPA on the call (BHND in, BHND out), using native GQA where torch has it and ``native_gqa``."""
     mask = _mask_for_sdpa(call)
-    if call.gqa and SDPA_GQA:
+    if call.gqa and SDPA_GQA and native_gqa:
         return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=mask, scale=call.scale, enable_gqa=True)
     k, v = expand_kv(call)
     return F.scaled_dot_product_attention(call.q, k, v, attn_mask=mask, scale=call.scale)
@@ -92,10 +92,13 @@ def _cudnn_limits(call: AttentionCall) -> Optional[str]:
 
 def _pinned(kernel_name: str) -> Callable[[AttentionCall], torch.Tensor]:
     kernel = getattr(SDPBackend, kernel_name)
+    # PyTorch's enable_gqa is served by its flash and math kernels only (seen on torch 2.11, H100):
+    # the efficient and cuDNN kernels get k/v with their heads repeated instead.
+    native_gqa = kernel_name in ("FLASH_ATTENTION", "MATH")
 
     def run(call: AttentionCall) -> torch.Tensor:
         with sdpa_kernel(kernel):
-            return sdpa(call)
+            return sdpa(call, native_gqa)
 
     return run
 
