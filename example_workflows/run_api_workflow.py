@@ -63,7 +63,8 @@ def describe_refusal(body: Any) -> str:
     """Human-readable lines for a 400 answer of /prompt."""
     if not isinstance(body, dict):
         return str(body)
-    lines = [f"refused: {body.get('error', {}).get('message', body.get('error'))}"]
+    err = body.get("error")
+    lines = [f"refused: {err.get('message') if isinstance(err, dict) else err}"] if err else []
     for node_id, info in (body.get("node_errors") or {}).items():
         for err in info.get("errors", []):
             extra = err.get("extra_info", {})
@@ -86,6 +87,8 @@ def main(argv=None) -> int:
         print(describe_refusal(body))
         return 2
     prompt_id = body["prompt_id"]
+    if body.get("node_errors"):
+        print("some outputs were dropped:\n" + describe_refusal(body))
     print(f"queued {prompt_id}")
     entry = wait_history(args.server, prompt_id, args.timeout)
     if entry is None:

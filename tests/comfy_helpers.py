@@ -204,3 +204,92 @@ def sampling_check():
     return {"loaded": ok, "rows": rows, "original_untouched": repr(model.model_options) == options_before,
             "original_after_equal": bool(torch.equal(after, baseline)), "fallback": fallback,
             "baseline_norm": float(baseline.norm())}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real ComfyUI server on 127.0.0.1 with the pack installed (symlinked into a temporary base directory).
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 10.0):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        body = resp.read()
+        ctype = resp.headers.get("Content-Type", "")
+        return resp.status, (json.loads(body) if "json" in ctype else body)
+
+
+class ComfyServer:
+    """``python main.py --cpu --listen 127.0.0.1`` with the pack as custom_nodes/Genesis; stopped on exit."""
+
+    def __init__(self, base_dir: Path, startup_timeout: float = 240.0):
+        self.base_dir = Path(base_dir)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.startup_timeout = startup_timeout
+        self.proc = None
+        self.log_path = self.base_dir / "comfyui.log"
+
+    def __enter__(self) -> "ComfyServer":
+        import subprocess
+        import time
+
+        path = comfyui_path()
+        (self.base_dir / "custom_nodes").mkdir(parents=True, exist_ok=True)
+        link = self.base_dir / "custom_nodes" / "Genesis"
+        if not link.exists():
+            link.symlink_to(REPO, target_is_directory=True)
+        self._log = open(self.log_path, "w")
+        env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", str(self.base_dir), "--disable-auto-launch", "--database-url", "sqlite:///:memory:"],
+            cwd=str(path), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if http_get(self.url + "/system_stats", timeout=2)[0] == 200:
+                    return self
+            except OSError:
+                time.sleep(0.5)
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"ComfyUI did not answer within {self.startup_timeout:.0f} s:\n{self.log()[-4000:]}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(timeout=20)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+def load_client():
+    """example_workflows/run_api_workflow.py as a module."""
+    spec = importlib.util.spec_from_file_location("genesis_run_api_workflow", REPO / "example_workflows" / "run_api_workflow.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
