@@ -26,6 +26,13 @@ from .attention.modules import (  # noqa: E402
     CrossAttentionModule,
     create_attention_interface,
 )
+from .compute import (  # noqa: E402
+    BackendUnavailableError,
+    ComputeBackend,
+    HeterogeneousExecutor,
+    ParallelExecutionError,
+    detect_backends,
+)
 from .comfyui import COMFYUI_NODE_REGISTRY, ComfyUINodeInterface, register_comfyui_node  # noqa: E402
 from .info import get_interface_info  # noqa: E402
 from .attention.dispatch import attention  # noqa: E402  (the function shadows the subpackage name on purpose)
@@ -33,6 +40,11 @@ from .attention.dispatch import attention  # noqa: E402  (the function shadows t
 __all__ = [
     "AdaptiveAttentionSwitch",
     "AttentionType",
+    "BackendUnavailableError",
+    "ComputeBackend",
+    "HeterogeneousExecutor",
+    "ParallelExecutionError",
+    "detect_backends",
     "COMFYUI_NODE_REGISTRY",
     "ComfyUINodeInterface",
     "CrossAttentionInterface",

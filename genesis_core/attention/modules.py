@@ -12,7 +12,6 @@ from typing import List, Optional, Union
 import torch
 import torch.nn as nn
 
-from .._log import logger
 from . import registry
 from .dispatch import attention, backend_name, last_backend
 from .types import AttentionType
@@ -200,7 +199,6 @@ class AdaptiveAttentionSwitch(_Projected):
                 if self.strict:
                     raise RuntimeError(f"attention type '{name}' is not available: {reason}")
                 msg = f"attention type '{name}' is not available ({reason}); calls will fall back {name} -> sdpa -> pytorch"
-                logger.warning(msg)
                 warnings.warn(f"[Genesis] {msg}", RuntimeWarning, stacklevel=2)
         self.attention_type = t
 
