@@ -1,0 +1,626 @@
+"""HeterogeneousExecutor: run functions on CUDA, CPU, NPU, MPS, ROCm, ONNX Runtime or WebGPU, alone or split.
+
+Quick tour (the spec's section 2)::
+
+    ex = HeterogeneousExecutor()
+    ex.register_backend(ComputeBackend.CPU)                       # -> "cpu"
+    ex.register_backend(ComputeBackend.CUDA, torch.device("cuda:0"))  # BackendUnavailableError without CUDA
+    y = ex.execute_on_backend(ComputeBackend.CPU, fn, x)          # y lands where x came from
+    ys = ex.parallel_execute(fn, [x1, x2], [ComputeBackend.CPU, "cuda"])
+    y = ex.split_execute(fn, x, ["cpu", "cuda"], dim=0)           # split by measured throughput, gathered
+
+Workers. Each registration is a *worker* with a name (default: the backend's value, ``"cpu"``); pass
+``name=`` to register one backend several times (``cuda:1``, or several CPU workers standing in for
+devices in tests). Everywhere a backend is asked for, a ``ComputeBackend``, its value or a worker name works.
+
+Models captured by ``fn`` run where the data runs: see ``placement.py`` for the mechanism (discovered,
+replicated once per device, swapped in thread-locally) and :meth:`HeterogeneousExecutor.place` for the
+explicit, zero-overhead alternative.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .._log import log_once, logger
+from ._tree import first_tensor, iter_tensors, map_tensors
+from .backends import TORCH_DEVICE_TYPE, BackendStatus, ComputeBackend, available_backends, backend_status
+from .placement import ReplicaCache, ReplicaMode, callable_key, reachable_modules
+
+BackendLike = Union[ComputeBackend, str]
+DeviceLike = Union[torch.device, str, int, None]
+INPUT = "input"  # return_device default: results go where the first input tensor came from
+
+_ONNX_OPTIONS = ("providers", "provider_options", "cache_dir", "opset_version", "exporter", "max_sessions",
+                 "log_severity")
+_local = threading.local()
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that detection found missing. Carries ``backend``, ``reason``, ``available``."""
+
+    def __init__(self, backend: ComputeBackend, reason: str, available: Sequence[ComputeBackend]) -> None:
+        self.backend, self.reason, self.available = backend, reason, list(available)
+        names = ", ".join(b.value for b in self.available) or "none"
+        super().__init__(f"ComputeBackend.{backend.name} is not available here: {reason}. "
+                         f"Available backends: {names}.")
+
+
+class ParallelExecutionError(RuntimeError):
+    """One or more splits of a parallel run failed; raised after every split finished.
+
+    ``failures`` lists ``(split index, worker name, exception)``; ``results`` holds the successful results
+    in split order (``None`` where a split failed).
+    """
+
+    def __init__(self, failures: List[Tuple[int, str, BaseException]], results: List[Any], total: int) -> None:
+        self.failures, self.results = failures, results
+        parts = [f"split {i} on backend {name!r}: {type(e).__name__}: {e}" for i, name, e in failures]
+        super().__init__(f"{len(failures)} of {total} splits failed - " + "; ".join(parts))
+
+
+def current_worker() -> Optional[str]:
+    """Name of the worker running the calling thread's function (inside ``execute_on_backend``), or None."""
+    return getattr(_local, "worker", None)
+
+
+@dataclass
+class Worker:
+    """One registered backend: its device and, for ONNX/WebGPU, the ONNX Runtime runner."""
+
+    name: str
+    backend: ComputeBackend
+    device: torch.device
+    runner: Any = None  # OnnxRunner for ONNX and WEBGPU
+    options: Dict[str, Any] = field(default_factory=dict)
+    calls: int = 0
+    errors: int = 0
+    total_s: float = 0.0
+    last_s: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    elif device.type == "npu" and hasattr(torch, "npu"):
+        torch.npu.synchronize(device)
+
+
+def _mover(device: Optional[torch.device]) -> Callable[[torch.Tensor], torch.Tensor]:
+    if device is None:
+        return lambda t: t
+    return lambda t: t if t.device == device else t.to(device)
+
+
+def plan_shares(total: int, models: Sequence[Tuple[float, float]]) -> List[int]:
+    """Rows per worker so that all finish together, given per-worker cost models ``time = a + b * rows``.
+
+    Solves ``a_i + b_i * n_i = T`` with ``sum(n_i) = total``; workers whose fixed cost ``a_i`` exceeds the
+    common finish time get 0 rows. Integer rounding keeps the sum exact (largest remainders).
+    """
+    if total < 0:
+        raise ValueError(f"total must be >= 0; got {total}")
+    if not models:
+        raise ValueError("models must hold at least one (a, b) cost model; got none")
+    active = list(range(len(models)))
+    share = [0.0] * len(models)
+    while active:
+        inv = sum(1.0 / models[i][1] for i in active)
+        t_end = (total + sum(models[i][0] / models[i][1] for i in active)) / inv
+        share = [0.0] * len(models)
+        for i in active:
+            share[i] = (t_end - models[i][0]) / models[i][1]
+        negative = [i for i in active if share[i] <= 0]
+        if not negative:
+            break
+        active.remove(max(negative, key=lambda i: models[i][0]))
+    if not active:  # every fixed cost dominates: give everything to the cheapest single worker
+        best = min(range(len(models)), key=lambda i: models[i][0] + models[i][1] * total)
+        share = [0.0] * len(models)
+        share[best] = float(total)
+    floors = [int(s) for s in share]
+    rest = total - sum(floors)
+    order = sorted(range(len(models)), key=lambda i: share[i] - floors[i], reverse=True)
+    for i in order[:rest]:
+        floors[i] += 1
+    return floors
+
+
+class HeterogeneousExecutor:
+    """Runs functions on registered compute backends; thread-safe.
+
+    See the module docstring for the tour. Public methods: :meth:`register_backend`,
+    :meth:`unregister_backend`, :meth:`registered`, :meth:`execute_on_backend`, :meth:`parallel_execute`,
+    :meth:`split_execute`, :meth:`split_plan`, :meth:`place`, :meth:`release`, :meth:`stats`.
+    """
+
+    def __init__(self) -> None:
+        self._workers: Dict[str, Worker] = {}
+        self._lock = threading.RLock()
+        self._replicas = ReplicaCache()
+        self._calibration: Dict[Any, Dict[str, List[float]]] = {}
+        self._calibration_keep: Dict[Any, Any] = {}
+        self._calibration_lock = threading.Lock()
+
+    # -- registration -------------------------------------------------------------------------------
+    def register_backend(self, backend: BackendLike, device: DeviceLike = None, *, name: Optional[str] = None,
+                         **options: Any) -> str:
+        """Register ``backend`` (on ``device``) and return the worker name.
+
+        Args:
+            backend: a :class:`ComputeBackend` or its value (``"cuda"``).
+            device: torch device for CUDA/ROCM/CPU/NPU/MPS (default: the first device of that kind); for
+                ONNX/WEBGPU, where input/output tensors live (default: from the first provider).
+            name: worker name (default: the backend value); reuse a name to replace that worker.
+            options: ONNX/WEBGPU only - ``providers``, ``provider_options``, ``cache_dir``,
+                ``opset_version``, ``exporter`` (``"torchscript"``/``"dynamo"``/``"auto"``), ``max_sessions``,
+                ``log_severity`` (see :class:`~genesis_core.compute.onnx.OnnxRunner`).
+
+        Raises:
+            ValueError: unknown backend, or a device that does not belong to it.
+            BackendUnavailableError: detection found the backend missing (message: the reason and what
+                is available).
+            TypeError: options given to a torch backend, or unknown option names.
+        """
+        b = ComputeBackend.parse(backend)
+        status = backend_status(b)
+        if not status.available:
+            raise BackendUnavailableError(b, status.reason or "not detected", available_backends())
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ValueError(f"name must be a non-empty string; got {name!r}")
+        key = name if name is not None else b.value
+        if b in TORCH_DEVICE_TYPE:
+            if options:
+                raise TypeError(f"ComputeBackend.{b.name} takes no options; got {', '.join(sorted(options))}")
+            worker = Worker(key, b, self._torch_device(b, device, status))
+        else:
+            worker = self._runtime_worker(key, b, device, status, options)
+        with self._lock:
+            if key in self._workers:
+                logger.info("replacing compute worker %r", key)
+            self._workers[key] = worker
+        return key
+
+    def _torch_device(self, b: ComputeBackend, device: DeviceLike, status: BackendStatus) -> torch.device:
+        kind = TORCH_DEVICE_TYPE[b]
+        if device is None:
+            return torch.device(status.devices[0])
+        if isinstance(device, int):
+            dev = torch.device(kind, device)
+        else:
+            try:
+                dev = torch.device(device)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"device must be a torch device, a device string or an index; got {device!r}") \
+                    from exc
+        if dev.type != kind:
+            raise ValueError(f"device for ComputeBackend.{b.name} must be a {kind!r} device; got {str(dev)!r}")
+        if kind == "cpu":
+            return torch.device("cpu")
+        index = dev.index or 0
+        if index >= len(status.devices):
+            raise ValueError(f"device {str(dev)!r} does not exist; ComputeBackend.{b.name} has "
+                             f"{', '.join(status.devices)}")
+        return torch.device(kind, index)
+
+    def _runtime_worker(self, key: str, b: ComputeBackend, device: DeviceLike, status: BackendStatus,
+                        options: Dict[str, Any]) -> Worker:
+        from .onnx import OnnxRunner  # onnx/onnxruntime stay out of `import genesis_core`
+
+        unknown = sorted(set(options) - set(_ONNX_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown option(s) for ComputeBackend.{b.name}: {', '.join(unknown)}; "
+                            f"accepted: {', '.join(_ONNX_OPTIONS)}")
+        opts = dict(options)
+        if b is ComputeBackend.WEBGPU:
+            if not status.details.get("onnxruntime_ep"):
+                onnx_reason = "; ".join(status.details.get("routes_missing", [])) or "no WebGpuExecutionProvider"
+                raise BackendUnavailableError(
+                    b, "a WebGPU adapter exists (wgpu), but running arbitrary functions on WebGPU needs ONNX "
+                       f"Runtime's WebGpuExecutionProvider ({onnx_reason}); the wgpu route offers "
+                       "genesis_core.compute.webgpu.scaled_dot_product_attention",
+                    available_backends())
+            opts.setdefault("providers", ["WebGpuExecutionProvider", "CPUExecutionProvider"])
+            ort_status = backend_status(ComputeBackend.ONNX)
+        else:
+            opts.setdefault("providers", ["CPUExecutionProvider"])
+            ort_status = status
+        known = set(ort_status.devices)
+        for p in opts["providers"]:
+            pname = p[0] if isinstance(p, tuple) else p
+            if pname not in known:
+                raise ValueError(f"provider {pname!r} is not in this onnxruntime build; available: "
+                                 f"{', '.join(sorted(known))}")
+        if device is not None:
+            device = torch.device(device)
+        runner = OnnxRunner(device=device, **opts)
+        return Worker(key, b, runner.device, runner=runner, options=opts)
+
+    def unregister_backend(self, backend: BackendLike) -> None:
+        """Remove a worker (KeyError listing the registered ones when it is not registered)."""
+        w = self._worker(backend)
+        with self._lock:
+            self._workers.pop(w.name, None)
+
+    def registered(self) -> List[str]:
+        """Worker names in registration order."""
+        with self._lock:
+            return list(self._workers)
+
+    def device_of(self, backend: BackendLike) -> torch.device:
+        """The torch device a worker computes on (for ONNX: where its inputs and outputs live)."""
+        return self._worker(backend).device
+
+    def _worker(self, backend: BackendLike) -> Worker:
+        with self._lock:
+            if isinstance(backend, ComputeBackend):
+                key = backend.value
+            elif isinstance(backend, str):
+                key = backend if backend in self._workers else backend.strip().lower()
+            else:
+                raise TypeError(f"backend must be a ComputeBackend or a worker name; got {type(backend).__name__}")
+            worker = self._workers.get(key)
+            if worker is None:
+                names = ", ".join(repr(n) for n in self._workers) or "none"
+                raise KeyError(f"backend {str(backend)!r} is not registered with this executor; registered: "
+                               f"{names}. Call register_backend() first.")
+            return worker
+
+    # -- placement ----------------------------------------------------------------------------------
+    def place(self, module: nn.Module, backend: BackendLike) -> nn.Module:
+        """Move ``module`` *in place* to the worker's device and return it.
+
+        The explicit alternative to automatic replicas: afterwards the module already lives where the data
+        runs, so calls on that backend cost nothing extra. Use it when one device serves a module; for
+        concurrent use on several devices, leave the module where it is and let the executor replicate.
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
+        worker = self._worker(backend)
+        if worker.runner is not None:
+            raise ValueError(f"backend {worker.name!r} runs ONNX Runtime, which captures weights at export; "
+                             "place() applies to torch backends (cuda, cpu, npu, mps, rocm)")
+        self._replicas.clear(module)
+        return module.to(worker.device)
+
+    def release(self, module: Optional[nn.Module] = None) -> None:
+        """Drop cached device replicas of captured models (one module's, or all)."""
+        self._replicas.clear(module)
+
+    # -- execution ----------------------------------------------------------------------------------
+    def execute_on_backend(self, backend: BackendLike, fn: Callable[..., Any], *args: Any,
+                           return_device: DeviceLike = INPUT, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` on ``backend`` and return its result.
+
+        Every tensor in ``args``/``kwargs`` (nested lists, tuples, dicts) is moved to the worker's device;
+        models that ``fn`` captures run there too (see ``placement.py``). On ONNX/WEBGPU workers ``fn`` runs in
+        ONNX Runtime (exported once per input signature). Tensors in the result are moved to
+        ``return_device``: by default where the first input tensor came from (the worker's device when
+        there is none); ``None`` leaves them where they were computed.
+
+        Raises:
+            KeyError: ``backend`` is not registered (lists the registered ones).
+            TypeError: ``fn`` is not callable.
+        """
+        worker = self._worker(backend)
+        if not callable(fn):
+            raise TypeError(f"fn must be callable; got {type(fn).__name__}")
+        return self._execute(worker, fn, args, kwargs, return_device)[0]
+
+    def _execute(self, worker: Worker, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any],
+                 return_device: DeviceLike, sync: bool = False) -> Tuple[Any, float]:
+        first = first_tensor((args, kwargs))
+        if isinstance(return_device, str) and return_device == INPUT:
+            target = first.device if first is not None else worker.device
+        else:
+            target = torch.device(return_device) if return_device is not None else None
+        previous = getattr(_local, "worker", None)
+        _local.worker = worker.name
+        t0 = time.perf_counter()
+        try:
+            if worker.runner is not None:
+                out = worker.runner.run(fn, args, kwargs)
+            else:
+                out = self._run_torch(worker, fn, args, kwargs)
+            if sync:
+                _synchronize(worker.device)
+            out = map_tensors(out, _mover(target))
+        except BaseException:
+            with worker.lock:
+                worker.calls += 1
+                worker.errors += 1
+                worker.total_s += time.perf_counter() - t0
+            raise
+        finally:
+            _local.worker = previous
+        elapsed = time.perf_counter() - t0
+        with worker.lock:
+            worker.calls += 1
+            worker.total_s += elapsed
+            worker.last_s = elapsed
+        return out, elapsed
+
+    def _run_torch(self, worker: Worker, fn: Callable[..., Any], args: Tuple[Any, ...],
+                   kwargs: Dict[str, Any]) -> Any:
+        dev = worker.device
+        move = _mover(dev)
+        args = map_tensors(args, move)
+        kwargs = map_tensors(kwargs, move)
+        modules = reachable_modules(fn)
+        table = self._replicas.mapping(modules, dev) if modules else {}
+        if table:
+            log_once(("replicas", worker.name, getattr(fn, "__qualname__", type(fn).__name__)),
+                     f"running models captured by {getattr(fn, '__qualname__', type(fn).__name__)} on "
+                     f"{dev} from cached device copies; executor.place(module, backend) moves them for good",
+                     level=20)
+        ctx = torch.cuda.device(dev) if dev.type == "cuda" else None
+        if ctx is not None:
+            ctx.__enter__()
+        try:
+            if table:
+                with ReplicaMode(table):
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+
+    # -- parallel -----------------------------------------------------------------------------------
+    def parallel_execute(self, fn: Callable[..., Any], data_splits: Sequence[Any], backends: Sequence[BackendLike],
+                         *, return_device: DeviceLike = INPUT) -> List[Any]:
+        """Run ``fn`` on each split concurrently, split ``i`` on ``backends[i]``; results in split order.
+
+        A split that is a ``tuple`` is unpacked into positional arguments; anything else is the single
+        argument. The same backend may appear several times. When splits fail, every other split still
+        finishes, then :class:`ParallelExecutionError` names each failed split and backend.
+
+        Raises:
+            TypeError: ``fn`` not callable, or ``data_splits``/``backends`` not lists or tuples.
+            ValueError: no splits, or different lengths.
+            KeyError: a backend that is not registered (before anything runs).
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable; got {type(fn).__name__}")
+        workers, splits = self._check_splits(data_splits, backends)
+        results, _ = self._run_parallel(fn, splits, workers, return_device, sync=False)
+        return results
+
+    def _check_splits(self, data_splits: Sequence[Any], backends: Sequence[BackendLike]
+                      ) -> Tuple[List[Worker], List[Any]]:
+        for label, value in (("data_splits", data_splits), ("backends", backends)):
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(f"{label} must be a list or tuple; got {type(value).__name__}")
+        if len(data_splits) == 0:
+            raise ValueError("data_splits must hold at least one split; got an empty sequence")
+        if len(data_splits) != len(backends):
+            raise ValueError(f"data_splits and backends must have the same length; got {len(data_splits)} splits "
+                             f"and {len(backends)} backends")
+        return [self._worker(b) for b in backends], list(data_splits)
+
+    def _run_parallel(self, fn: Callable[..., Any], splits: List[Any], workers: List[Worker],
+                      return_device: DeviceLike, sync: bool) -> Tuple[List[Any], List[float]]:
+        n = len(splits)
+        results: List[Any] = [None] * n
+        times: List[float] = [0.0] * n
+        failures: List[Tuple[int, str, BaseException]] = []
+
+        def one(i: int) -> None:
+            split = splits[i]
+            args = split if isinstance(split, tuple) else (split,)
+            results[i], times[i] = self._execute(workers[i], fn, args, {}, return_device, sync=sync)
+
+        if n == 1:
+            futures = None
+            try:
+                one(0)
+            except Exception as exc:
+                failures.append((0, workers[0].name, exc))
+        else:
+            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="genesis-exec") as pool:
+                futures = [pool.submit(one, i) for i in range(n)]
+            for i, fut in enumerate(futures):  # the pool's exit waited for all of them
+                exc = fut.exception()
+                if exc is not None:
+                    failures.append((i, workers[i].name, exc))
+        if failures:
+            err = ParallelExecutionError(failures, results, n)
+            raise err from failures[0][2]
+        return results, times
+
+    # -- throughput split ---------------------------------------------------------------------------
+    def split_execute(self, fn: Callable[..., Any], batch: Any, backends: Optional[Sequence[BackendLike]] = None,
+                      *, dim: int = 0, return_device: DeviceLike = INPUT, calibrate: bool = True) -> Any:
+        """Split one batch across several backends by measured throughput, run in parallel, gather.
+
+        ``batch`` is a tensor or a tuple of positional arguments; every tensor in it is split along ``dim``
+        (all must have the same size there), other values go to every part. The first time a
+        ``(fn, per-row shapes, backends)`` combination is seen, each worker runs two short calibration
+        slices (after a warm-up) to fit ``time = a + b * rows``; the shares then make all workers finish
+        together (:func:`plan_shares`), and each real run refines ``b`` from what it observed. Results
+        (tensors, or tuples/lists/dicts of them) are concatenated along ``dim`` on ``return_device``.
+        ``calibrate=False`` splits evenly (before any measurement exists).
+
+        Raises the errors of :meth:`parallel_execute`, plus ValueError for tensors that disagree on the
+        size of ``dim``.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable; got {type(fn).__name__}")
+        workers = self._split_workers(backends)
+        args, total = self._batch_args(batch, dim)
+        counts = self._plan(fn, args, total, workers, dim, calibrate)
+        used = [(w, c) for w, c in zip(workers, counts) if c > 0]
+        splits, start = [], 0
+        for _, c in used:
+            splits.append(self._slice(args, dim, start, c))
+            start += c
+        results, times = self._run_parallel(fn, splits, [w for w, _ in used], return_device, sync=True)
+        if calibrate:
+            self._refine(fn, args, workers, dim, [(w, c, t) for (w, c), t in zip(used, times)])
+        if return_device is None:
+            home = first_tensor(results[0])
+            results = [map_tensors(r, _mover(home.device if home is not None else None)) for r in results]
+        return _gather(results, dim)
+
+    def split_plan(self, fn: Callable[..., Any], batch: Any, backends: Optional[Sequence[BackendLike]] = None,
+                   *, dim: int = 0, calibrate: bool = True) -> Dict[str, int]:
+        """Rows each worker would get for ``batch`` (calibrating first if needed), without running the split."""
+        workers = self._split_workers(backends)
+        args, total = self._batch_args(batch, dim)
+        return {w.name: c for w, c in zip(workers, self._plan(fn, args, total, workers, dim, calibrate))}
+
+    def clear_calibration(self) -> None:
+        """Forget every throughput measurement (the next split calibrates again)."""
+        with self._calibration_lock:
+            self._calibration.clear()
+            self._calibration_keep.clear()
+
+    def _split_workers(self, backends: Optional[Sequence[BackendLike]]) -> List[Worker]:
+        if backends is None:
+            with self._lock:
+                workers = list(self._workers.values())
+        else:
+            if not isinstance(backends, (list, tuple)):
+                raise TypeError(f"backends must be a list or tuple; got {type(backends).__name__}")
+            workers = [self._worker(b) for b in backends]
+        if not workers:
+            raise ValueError("backends must name at least one registered backend; got none")
+        names = [w.name for w in workers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"backends must not repeat a worker in split_execute; got {names}")
+        return workers
+
+    @staticmethod
+    def _batch_args(batch: Any, dim: int) -> Tuple[Tuple[Any, ...], int]:
+        args = batch if isinstance(batch, tuple) else (batch,)
+        sizes = []
+        for t in iter_tensors(args):
+            if t.dim() == 0 or not -t.dim() <= dim < t.dim():
+                raise ValueError(f"every tensor in batch must have dimension {dim} to split on; got shape "
+                                 f"{tuple(t.shape)}")
+            sizes.append(t.shape[dim])
+        if not sizes:
+            raise ValueError("batch must contain at least one tensor to split; got none")
+        if len(set(sizes)) != 1:
+            raise ValueError(f"every tensor in batch must have the same size along dim {dim}; got sizes {sizes}")
+        if sizes[0] == 0:
+            raise ValueError(f"batch is empty along dim {dim}; nothing to split")
+        return args, sizes[0]
+
+    @staticmethod
+    def _slice(args: Tuple[Any, ...], dim: int, start: int, length: int) -> Tuple[Any, ...]:
+        return map_tensors(args, lambda t: t.narrow(dim, start, length))
+
+    def _calibration_key(self, fn: Callable[..., Any], args: Tuple[Any, ...], workers: List[Worker], dim: int
+                         ) -> Tuple[Any, Any]:
+        fkey, keep = callable_key(fn)
+        rows = tuple((tuple(s for j, s in enumerate(t.shape) if j != dim % t.dim()), t.dtype)
+                     for t in iter_tensors(args))
+        return (fkey, rows, tuple(w.name for w in workers)), keep
+
+    def _plan(self, fn: Callable[..., Any], args: Tuple[Any, ...], total: int, workers: List[Worker], dim: int,
+              calibrate: bool) -> List[int]:
+        if len(workers) == 1:
+            return [total]
+        if not calibrate:
+            return plan_shares(total, [(0.0, 1.0)] * len(workers))
+        key, keep = self._calibration_key(fn, args, workers, dim)
+        with self._calibration_lock:
+            models = self._calibration.get(key)
+            if models is None:
+                models = {w.name: self._measure(fn, args, total, w, dim) for w in workers}
+                self._calibration[key] = models
+                self._calibration_keep[key] = keep
+                logger.debug("split calibration %s", {k: (round(a * 1e3, 3), round(b * 1e6, 3))
+                                                      for k, (a, b) in models.items()})
+            snapshot = [tuple(models[w.name]) for w in workers]
+        return plan_shares(total, snapshot)
+
+    def _measure(self, fn: Callable[..., Any], args: Tuple[Any, ...], total: int, worker: Worker, dim: int
+                 ) -> List[float]:
+        """Fit ``time = a + b * rows`` on this worker from short runs (sequential: each worker alone)."""
+        small = max(1, total // 8)
+        large = max(small, total // 2)
+
+        def timed(rows: int) -> float:
+            part = self._slice(args, dim, 0, rows)
+            return self._execute(worker, fn, part, {}, None, sync=True)[1]
+
+        timed(small)  # warm-up: first-call costs (allocations, kernels, ONNX export) do not count
+        t_small = min(timed(small), timed(small))
+        if large > small:
+            t_large = timed(large)
+            b = (t_large - t_small) / (large - small)
+            b = max(b, 0.05 * t_large / large, 1e-9)  # noise can make the slope tiny or negative
+            a = max(t_small - b * small, 0.0)
+        else:
+            b, a = max(t_small / small, 1e-9), 0.0
+        return [a, b]
+
+    def _refine(self, fn: Callable[..., Any], args: Tuple[Any, ...], workers: List[Worker], dim: int,
+                observed: List[Tuple[Worker, int, float]]) -> None:
+        key, _ = self._calibration_key(fn, args, workers, dim)
+        with self._calibration_lock:
+            models = self._calibration.get(key)
+            if models is None:
+                return
+            for w, rows, seconds in observed:
+                a, b = models[w.name]
+                b_seen = max(seconds - a, 1e-9) / rows
+                models[w.name] = [a, 0.5 * b + 0.5 * b_seen]
+
+    # -- telemetry ----------------------------------------------------------------------------------
+    def stats(self) -> Dict[str, Dict[str, Any]]:
+        """Per worker: backend, device, calls, errors, total_s, mean_ms, last_ms, and for ONNX/WEBGPU
+        workers exports, export_s, session_hits, disk_hits, sessions. Host wall time (CUDA work that has
+        not been waited for is not included)."""
+        out: Dict[str, Dict[str, Any]] = {}
+        with self._lock:
+            workers = list(self._workers.values())
+        for w in workers:
+            with w.lock:
+                row: Dict[str, Any] = {
+                    "backend": w.backend.value, "device": str(w.device), "calls": w.calls, "errors": w.errors,
+                    "total_s": w.total_s, "mean_ms": (w.total_s / w.calls * 1e3) if w.calls else 0.0,
+                    "last_ms": w.last_s * 1e3,
+                }
+            if w.runner is not None:
+                s = w.runner.stats
+                row.update(exports=s.exports, export_s=s.export_s, session_hits=s.session_hits,
+                           disk_hits=s.disk_hits, sessions=s.sessions, providers=list(w.options.get("providers", [])))
+            out[w.name] = row
+        return out
+
+    def reset_stats(self) -> None:
+        """Zero the per-worker call counters (ONNX cache counters stay)."""
+        with self._lock:
+            for w in self._workers.values():
+                with w.lock:
+                    w.calls = w.errors = 0
+                    w.total_s = w.last_s = 0.0
+
+
+def _gather(results: List[Any], dim: int) -> Any:
+    first = results[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(results, dim=dim)
+    if isinstance(first, (list, tuple)):
+        if any(not isinstance(r, (list, tuple)) or len(r) != len(first) for r in results):
+            raise ValueError("split results must have the same structure to be gathered")
+        items = [_gather([r[i] for r in results], dim) for i in range(len(first))]
+        return items if isinstance(first, list) else (type(first)(*items) if hasattr(first, "_fields")
+                                                      else tuple(items))
+    if isinstance(first, dict):
+        return {k: _gather([r[k] for r in results], dim) for k in first}
+    if any(r != first for r in results):
+        raise ValueError(f"split results hold non-tensor values that differ between splits: "
+                         f"{[r for r in results][:4]}; cannot gather them")
+    return first

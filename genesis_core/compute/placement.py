@@ -1,0 +1,231 @@
+"""Making the models a function captures run where its data runs.
+
+The spec's integration example hands the executor a closure, ``process``, that reaches
+``self.cross_attn`` through the node object it closes over. The executor moves the *inputs* to the chosen
+device; the weights of such captured models must follow, or the first matmul fails with a device mismatch.
+
+How Genesis does it, and why:
+
+1. **Discovery.** :func:`reachable_modules` walks what ``fn`` can reach: ``fn`` itself when it is an
+   ``nn.Module``, a bound method's ``self``, closure cells, defaults, ``functools.partial`` arguments, the
+   globals its code names (including nested lambdas/comprehensions), and - a few levels down - attributes
+   of plain objects and items of lists/dicts. Modules are not walked into (a module carries its children).
+2. **Replicas, once per device.** For each discovered module, parameters and buffers that live on another
+   device are copied to the target device once and cached (keyed weakly by module, per device). A cached
+   replica is refreshed when the source tensor changes in place (``load_state_dict``, optimizer steps:
+   the tensor version counter moves) or is re-pointed (``.data = ...``).
+3. **Substitution while ``fn`` runs.** A thread-local ``TorchFunctionMode`` swaps a source parameter for
+   its replica whenever a torch function receives it (``F.linear(x, self.weight)``, ``self.weight.dtype``).
+
+Why not simpler mechanisms:
+
+* Moving the user's module in place (``module.to(device)``) breaks concurrency: ``parallel_execute`` may run
+  the *same* closure on CPU and CUDA at once, and one module cannot be in two places. It also changes,
+  behind the caller's back, where their other code finds the model. (For a single device, the explicit
+  :meth:`HeterogeneousExecutor.place` does exactly this, on request, and then costs nothing per call.)
+* Rebuilding the closure with copied objects changes semantics (writes to ``self.x`` inside ``fn`` would
+  land on a copy) and misses paths the rebuild does not know about.
+
+The mode is thread-local, so concurrent calls on different devices do not see each other's replicas.
+Cost: one Python hook per torch call inside ``fn``, only while some reachable module lives on another device.
+Limits: replicas are detached (inference, no gradients to the source); in-place updates the model makes to
+its own buffers during the call (BatchNorm running stats in training mode) land on the replica.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+import types
+import weakref
+from typing import Any, Dict, Iterable, List
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+from .._log import log_once
+
+MAX_DEPTH = 3
+MAX_VISITS = 5000
+
+_SKIP_TYPES = (str, bytes, int, float, complex, bool, type(None), torch.Tensor, torch.device, torch.dtype,
+               type, types.ModuleType, types.BuiltinFunctionType, types.CodeType)
+
+
+def _code_names(code: types.CodeType) -> List[str]:
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.extend(_code_names(const))
+    return names
+
+
+def reachable_modules(fn: Any) -> List[nn.Module]:
+    """The ``nn.Module`` objects ``fn`` can reach (see the module docstring), outermost first, no duplicates."""
+    found: Dict[int, nn.Module] = {}
+    seen: set = set()
+    budget = [MAX_VISITS]
+
+    def visit(obj: Any, depth: int, home: str = "") -> None:
+        if isinstance(obj, _SKIP_TYPES) or id(obj) in seen:
+            return
+        if budget[0] <= 0:
+            log_once(("placement-budget", home), f"stopped looking for models captured by {home or 'fn'} after "
+                                                 f"{MAX_VISITS} objects; use executor.place(module, backend)")
+            return
+        budget[0] -= 1
+        seen.add(id(obj))
+        if isinstance(obj, nn.Module):
+            found.setdefault(id(obj), obj)
+            return
+        if depth > MAX_DEPTH:
+            return
+        if isinstance(obj, functools.partial):
+            visit(obj.func, depth, home)
+            for a in obj.args:
+                visit(a, depth + 1, home)
+            for a in (obj.keywords or {}).values():
+                visit(a, depth + 1, home)
+        elif isinstance(obj, types.MethodType):
+            visit(obj.__self__, depth, home)
+            visit(obj.__func__, depth, home)
+        elif isinstance(obj, types.FunctionType):
+            for cell in obj.__closure__ or ():
+                try:
+                    visit(cell.cell_contents, depth + 1, obj.__qualname__)
+                except ValueError:  # empty cell
+                    pass
+            for a in obj.__defaults__ or ():
+                visit(a, depth + 1, obj.__qualname__)
+            for a in (obj.__kwdefaults__ or {}).values():
+                visit(a, depth + 1, obj.__qualname__)
+            g = obj.__globals__
+            for name in _code_names(obj.__code__):
+                if name in g:
+                    value = g[name]
+                    # global models and containers; global functions only from the same source module
+                    if isinstance(value, types.FunctionType) and value.__module__ != obj.__module__:
+                        continue
+                    visit(value, depth + 1, obj.__qualname__)
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            for x in list(obj)[:1000]:
+                visit(x, depth + 1, home)
+        elif isinstance(obj, dict):
+            for x in list(obj.values())[:1000]:
+                visit(x, depth + 1, home)
+        else:
+            attrs = getattr(obj, "__dict__", None)
+            if isinstance(attrs, dict):
+                for x in list(attrs.values()):
+                    visit(x, depth + 1, home)
+
+    visit(fn, 0)
+    return list(found.values())
+
+
+def _module_tensors(module: nn.Module) -> List[torch.Tensor]:
+    out: Dict[int, torch.Tensor] = {}
+    for t in module.parameters():
+        out.setdefault(id(t), t)
+    for t in module.buffers():
+        out.setdefault(id(t), t)
+    return list(out.values())
+
+
+class ReplicaCache:
+    """Per-device copies of module parameters and buffers, refreshed when the source changes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._store: "weakref.WeakKeyDictionary[nn.Module, Dict[torch.device, Any]]" = weakref.WeakKeyDictionary()
+        self.copies = 0  # tensors copied so far (telemetry, tests)
+
+    def mapping(self, modules: Iterable[nn.Module], device: torch.device) -> Dict[int, torch.Tensor]:
+        """``id(source tensor) → replica on device`` for every tensor of ``modules`` not already there."""
+        result: Dict[int, torch.Tensor] = {}
+        for module in modules:
+            away = [t for t in _module_tensors(module) if t.device != device]
+            if not away:
+                continue
+            fingerprint = tuple((id(t), t._version, t.data_ptr()) for t in away)
+            with self._lock:
+                per_device = self._store.setdefault(module, {})
+                entry = per_device.get(device)
+                if entry is None or entry[0] != fingerprint:
+                    with torch.no_grad():
+                        entry = (fingerprint, {id(t): t.detach().to(device) for t in away})
+                    per_device[device] = entry
+                    self.copies += len(away)
+            result.update(entry[1])
+        return result
+
+    def clear(self, module: nn.Module = None) -> None:
+        """Drop cached replicas (of one module, or all)."""
+        with self._lock:
+            if module is None:
+                self._store = weakref.WeakKeyDictionary()
+            else:
+                self._store.pop(module, None)
+
+
+def _swap(value: Any, table: Dict[int, torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return table.get(id(value), value)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+        swapped = [table.get(id(v), v) if isinstance(v, torch.Tensor) else v for v in value]
+        return swapped if isinstance(value, list) else type(value)(swapped) if type(value) is tuple \
+            else tuple(swapped)
+    return value
+
+
+class ReplicaMode(TorchFunctionMode):
+    """Thread-local: every torch function call sees the replica instead of the source tensor."""
+
+    def __init__(self, table: Dict[int, torch.Tensor]) -> None:
+        super().__init__()
+        self.table = table
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        table = self.table
+        args = tuple(_swap(a, table) for a in args)
+        if kwargs:
+            kwargs = {k: _swap(v, table) for k, v in kwargs.items()}
+        else:
+            kwargs = {}
+        return func(*args, **kwargs)
+
+
+def callable_key(fn: Any) -> tuple:
+    """``(key, keepalive)``: a hashable identity for ``fn`` that survives re-creating the same closure.
+
+    The spec defines ``process`` inside ``execute``: a new function object per call, closing over the same
+    ``self``. Keying on the code object plus the identities of what it captures lets caches (ONNX sessions,
+    split calibration) recognise it. ``keepalive`` holds the captured objects so that their ids cannot be
+    reused by other objects while a cache entry lives.
+    """
+    if isinstance(fn, nn.Module):
+        return ("module", id(fn)), (fn,)
+    if isinstance(fn, types.MethodType):
+        inner, keep = callable_key(fn.__func__)
+        return ("method", inner, id(fn.__self__)), keep + (fn.__self__,)
+    if isinstance(fn, types.FunctionType):
+        captured = []
+        for cell in fn.__closure__ or ():
+            try:
+                captured.append(cell.cell_contents)
+            except ValueError:
+                captured.append(None)
+        captured.extend(fn.__defaults__ or ())
+        captured.extend((fn.__kwdefaults__ or {}).values())
+        return ("function", fn.__code__, tuple(id(c) for c in captured)), (fn.__code__, *captured)
+    if isinstance(fn, functools.partial):
+        inner, keep = callable_key(fn.func)
+        parts = list(fn.args) + list((fn.keywords or {}).values())
+        names = tuple((fn.keywords or {}).keys())
+        return ("partial", inner, tuple(id(p) for p in parts), names), keep + tuple(parts)
+    return ("object", id(fn)), (fn,)
+
+
+def weights_fingerprint(modules: Iterable[nn.Module]) -> tuple:
+    """Changes whenever a parameter or buffer of ``modules`` is modified in place or re-pointed."""
+    return tuple((id(t), t._version, t.data_ptr()) for m in modules for t in _module_tensors(m))

@@ -1,0 +1,182 @@
+"""parallel_execute and the throughput split, with several CPU workers standing in for devices."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from genesis_core.compute import (ComputeBackend, HeterogeneousExecutor, ParallelExecutionError, current_worker,
+                                  plan_shares)
+
+
+@pytest.fixture
+def ex():
+    e = HeterogeneousExecutor()
+    for i in range(4):
+        e.register_backend(ComputeBackend.CPU, name=f"w{i}")
+    return e
+
+
+def test_spec_example_shape(ex):
+    e = HeterogeneousExecutor()
+    e.register_backend(ComputeBackend.CPU)
+    data1, data2 = torch.randn(10, 3), torch.randn(6, 3)
+    results = e.parallel_execute(lambda x: x * 2 + 1, data_splits=[data1, data2],
+                                 backends=[ComputeBackend.CPU, ComputeBackend.CPU])
+    torch.testing.assert_close(results[0], data1 * 2 + 1)
+    torch.testing.assert_close(results[1], data2 * 2 + 1)
+
+
+def test_results_come_back_in_split_order_and_complete(ex):
+    splits = [torch.full((n, 2), float(n)) for n in (7, 1, 5, 3, 9, 2, 4, 6)]
+    backends = [f"w{i % 4}" for i in range(len(splits))]
+    ran_on = {}
+
+    def fn(x):
+        time.sleep(0.002 * (10 - x.shape[0]))  # later splits finish first
+        ran_on[int(x[0, 0])] = current_worker()
+        return x.sum(0)
+
+    results = ex.parallel_execute(fn, splits, backends)
+    assert [r[0].item() for r in results] == [n * n for n in (7, 1, 5, 3, 9, 2, 4, 6)]
+    assert ran_on == {n: backends[i] for i, n in enumerate((7, 1, 5, 3, 9, 2, 4, 6))}
+    assert sum(s["calls"] for s in ex.stats().values()) == 8
+
+
+def test_tuple_splits_are_unpacked(ex):
+    a, b = torch.randn(3), torch.randn(3)
+    assert torch.equal(ex.parallel_execute(torch.add, [(a, b)], ["w0"])[0], a + b)
+
+
+def test_splits_run_concurrently(ex):
+    barrier = threading.Barrier(4, timeout=10)
+
+    def fn(x):
+        barrier.wait()  # deadlocks (times out) unless all four run at once
+        return x + 1
+
+    out = ex.parallel_execute(fn, [torch.zeros(1)] * 4, ["w0", "w1", "w2", "w3"])
+    assert [o.item() for o in out] == [1.0] * 4
+
+
+def test_a_failing_split_names_backend_and_split_after_the_others_finish(ex):
+    finished = []
+
+    def fn(x):
+        if x.item() == 1:
+            raise ValueError("bad split")
+        time.sleep(0.05)
+        finished.append(x.item())
+        return x * 10
+
+    splits = [torch.tensor(float(i)) for i in range(4)]
+    with pytest.raises(ParallelExecutionError, match=r"1 of 4 splits failed - split 1 on backend 'w1': "
+                                                     r"ValueError: bad split") as info:
+        ex.parallel_execute(fn, splits, ["w0", "w1", "w2", "w3"])
+    assert sorted(finished) == [0.0, 2.0, 3.0]
+    err = info.value
+    assert [(i, name) for i, name, _ in err.failures] == [(1, "w1")]
+    assert err.results[1] is None and err.results[3].item() == 30.0
+    assert isinstance(err.__cause__, ValueError)
+    assert ex.stats()["w1"]["errors"] == 1
+
+
+def test_bad_arguments(ex):
+    fn = lambda x: x  # noqa: E731
+    with pytest.raises(ValueError, match="same length; got 3 splits and 2 backends"):
+        ex.parallel_execute(fn, [torch.ones(1)] * 3, ["w0", "w1"])
+    with pytest.raises(ValueError, match="at least one split; got an empty"):
+        ex.parallel_execute(fn, [], [])
+    with pytest.raises(TypeError, match="data_splits must be a list or tuple; got Tensor"):
+        ex.parallel_execute(fn, torch.ones(2, 2), ["w0", "w1"])
+    with pytest.raises(TypeError, match="fn must be callable"):
+        ex.parallel_execute("fn", [torch.ones(1)], ["w0"])
+    called = []
+    with pytest.raises(KeyError, match="'cuda' is not registered"):
+        ex.parallel_execute(lambda x: called.append(x), [torch.ones(1)] * 2, ["w0", ComputeBackend.CUDA])
+    assert called == []  # nothing ran before the bad backend was noticed
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_split_execute_equals_the_unsplit_call(ex, dim):
+    w = torch.randn(5, 5, dtype=torch.float64)
+
+    def fn(x, y, scale):
+        return {"z": (x @ w + y) * scale, "pair": (x.sum(-1 if dim != -1 else 0, keepdim=True), x)}
+
+    if dim == 0:
+        x, y = torch.randn(37, 5, dtype=torch.float64), torch.randn(37, 5, dtype=torch.float64)
+    else:
+        fn = lambda x, y, scale: x * scale + y  # noqa: E731
+        x, y = torch.randn(4, 29, dtype=torch.float64), torch.randn(4, 29, dtype=torch.float64)
+    out = ex.split_execute(fn, (x, y, 0.5), ["w0", "w1", "w2"], dim=dim)
+    ref = fn(x, y, 0.5)
+    if dim == 0:
+        torch.testing.assert_close(out["z"], ref["z"])
+        torch.testing.assert_close(out["pair"][1], x)
+    else:
+        torch.testing.assert_close(out, ref)
+
+
+def test_split_rejects_disagreeing_sizes(ex):
+    with pytest.raises(ValueError, match="same size along dim 0; got sizes \\[4, 5\\]"):
+        ex.split_execute(torch.add, (torch.ones(4, 2), torch.ones(5, 2)), ["w0", "w1"])
+    with pytest.raises(ValueError, match="at least one tensor"):
+        ex.split_execute(lambda x: x, (3,), ["w0", "w1"])
+    with pytest.raises(ValueError, match="must not repeat"):
+        ex.split_execute(lambda x: x, torch.ones(4), ["w0", "w0"])
+
+
+def test_throughput_split_follows_measured_speed(ex):
+    # w1 is deliberately three times slower per row; sleeping dominates, so the measurement is stable
+    per_row = {"w0": 0.001, "w1": 0.003}
+
+    def fn(x):
+        time.sleep(per_row[current_worker()] * x.shape[0])
+        return x * 2
+
+    x = torch.randn(48, 3)
+    plan = ex.split_plan(fn, x, ["w0", "w1"])
+    assert sum(plan.values()) == 48
+    assert 31 <= plan["w0"] <= 41, plan  # ideal 36 / 12
+    out = ex.split_execute(fn, x, ["w0", "w1"])
+    torch.testing.assert_close(out, x * 2)
+    plan_again = ex.split_plan(fn, x, ["w0", "w1"])  # cached, refined by the observed run
+    assert 31 <= plan_again["w0"] <= 41, plan_again
+    assert ex.stats()["w0"]["calls"] == 4 + 1  # warm-up + 2 small + 1 large calibration runs, then the split
+
+
+def test_split_without_calibration_is_even(ex):
+    plan = ex.split_plan(lambda x: x, torch.ones(10, 1), ["w0", "w1", "w2"], calibrate=False)
+    assert sorted(plan.values()) == [3, 3, 4]
+
+
+def test_split_with_more_workers_than_rows(ex):
+    out = ex.split_execute(lambda x: x + 1, torch.arange(2.0), ["w0", "w1", "w2", "w3"], calibrate=False)
+    torch.testing.assert_close(out, torch.arange(2.0) + 1)
+
+
+def test_plan_shares_equal_finish_times():
+    assert plan_shares(40, [(0.0, 1.0), (0.0, 3.0)]) == [30, 10]
+    # a fixed cost shifts rows to the other worker: 0.01 + 0.001 n0 = 0.002 n1, n0 + n1 = 100
+    n0, n1 = plan_shares(100, [(0.01, 0.001), (0.0, 0.002)])
+    assert (n0, n1) == (63, 37)
+    assert plan_shares(10, [(5.0, 0.001), (0.0, 0.01)]) == [0, 10]  # a huge fixed cost gets nothing
+    with pytest.raises(ValueError):
+        plan_shares(5, [])
+
+
+@settings(max_examples=60, deadline=None)
+@given(total=st.integers(0, 10_000),
+       models=st.lists(st.tuples(st.floats(0, 0.1), st.floats(1e-6, 1e-1)), min_size=1, max_size=8))
+def test_plan_shares_always_sums_and_balances(total, models):
+    shares = plan_shares(total, models)
+    assert sum(shares) == total and all(s >= 0 for s in shares)
+    busy = [a + b * s for (a, b), s in zip(models, shares) if s > 0]
+    if len(busy) > 1:
+        slack = 2.01 * max(b for _, b in models)
+        assert max(busy) - min(busy) <= slack + 1e-12  # equal up to one row of rounding
