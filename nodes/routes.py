@@ -58,7 +58,7 @@ def _autotune() -> Optional[Dict[str, Any]]:
         from ..genesis_core.attention import autotune
     except ImportError:
         return None
-    for name in ("report", "measurements", "timings"):
+    for name in ("timings",):
         fn = getattr(autotune, name, None)
         if callable(fn):
             try:
@@ -69,18 +69,27 @@ def _autotune() -> Optional[Dict[str, Any]]:
     return None
 
 
+def _choice_of(backend: str) -> str:
+    """Map a registry name to the node choice that reaches it (``sdpa_cudnn`` is served under ``sdpa``)."""
+    return "sdpa" if backend.startswith("sdpa") else backend
+
+
 def fastest_choice(timings: Any) -> Optional[str]:
-    """The backend with the most per-signature wins in the autotuner's data, if it can tell."""
+    """The node choice that won the most measured call signatures (autotuner ``timings()`` format:
+    ``{signature: {backend: ms, ..., "chosen": name, "rejected": {...}}}``), or None without data."""
     if not isinstance(timings, dict):
         return None
     wins: Dict[str, int] = {}
-    for entry in timings.values() if isinstance(timings.get("signatures", None), type(None)) else timings["signatures"].values():
-        if isinstance(entry, dict):
-            best = entry.get("best") or entry.get("choice")
-            if best is None and isinstance(entry.get("timings"), dict) and entry["timings"]:
-                best = min(entry["timings"], key=lambda k: entry["timings"][k])
-            if isinstance(best, str):
-                wins[best] = wins.get(best, 0) + 1
+    for entry in timings.values():
+        if not isinstance(entry, dict):
+            continue
+        best = entry.get("chosen")
+        if not isinstance(best, str):
+            ms = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            best = min(ms, key=ms.get) if ms else None
+        if isinstance(best, str):
+            choice = _choice_of(best)
+            wins[choice] = wins.get(choice, 0) + 1
     return max(wins, key=wins.get) if wins else None
 
 

@@ -293,3 +293,132 @@ def load_client():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Headless Chromium driven over the DevTools protocol (aiohttp's websocket client; no extra packages).
+
+
+def chromium_binary() -> Optional[str]:
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+class Chromium:
+    """``chromium --headless`` with a DevTools port; :meth:`run` drives one page with an async scenario."""
+
+    def __init__(self, profile_dir: Path, width: int = 1500, height: int = 900):
+        self.port = free_port()
+        self.profile = Path(profile_dir)
+        self.size = (width, height)
+        self.proc = None
+
+    def __enter__(self) -> "Chromium":
+        import subprocess
+        import time
+
+        self.proc = subprocess.Popen(
+            [chromium_binary(), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--no-first-run", "--no-default-browser-check", f"--remote-debugging-port={self.port}",
+             "--remote-debugging-address=127.0.0.1", f"--user-data-dir={self.profile}",
+             f"--window-size={self.size[0]},{self.size[1]}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                status, targets = http_get(f"http://127.0.0.1:{self.port}/json/list", timeout=2)
+                pages = [t for t in targets if t.get("type") == "page"]
+                if pages:
+                    self.ws_url = pages[0]["webSocketDebuggerUrl"]
+                    return self
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.3)
+        self.__exit__()
+        raise RuntimeError("Chromium did not open its DevTools port")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except Exception:
+                self.proc.kill()
+
+    def run(self, scenario, timeout: float = 180.0):
+        """Run ``await scenario(page)`` where page has ``send(method, **params)`` and ``evaluate(js)``."""
+        import asyncio
+
+        import aiohttp
+
+        async def main():
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(self.ws_url, max_msg_size=64 * 1024 * 1024) as ws:
+                    page = _Page(ws)
+                    reader = asyncio.ensure_future(page.read())
+                    try:
+                        return await asyncio.wait_for(scenario(page), timeout)
+                    finally:
+                        reader.cancel()
+
+        return asyncio.run(main())
+
+
+class _Page:
+    def __init__(self, ws):
+        self.ws = ws
+        self.next_id = 0
+        self.pending = {}
+        self.console = []
+
+    async def read(self):
+        import json
+
+        async for msg in self.ws:
+            data = json.loads(msg.data)
+            if "id" in data and data["id"] in self.pending:
+                self.pending.pop(data["id"]).set_result(data)
+            elif data.get("method") == "Runtime.consoleAPICalled":
+                args = data["params"].get("args", [])
+                self.console.append(" ".join(str(a.get("value", a.get("description", ""))) for a in args))
+            elif data.get("method") == "Runtime.exceptionThrown":
+                self.console.append("EXCEPTION " + str(data["params"]["exceptionDetails"].get("text")))
+
+    async def send(self, method: str, **params):
+        import asyncio
+
+        self.next_id += 1
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[self.next_id] = fut
+        await self.ws.send_json({"id": self.next_id, "method": method, "params": params})
+        data = await fut
+        if "error" in data:
+            raise RuntimeError(f"{method}: {data['error']}")
+        return data.get("result", {})
+
+    async def evaluate(self, expression: str):
+        res = await self.send("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in res:
+            raise RuntimeError(f"page error: {res['exceptionDetails'].get('exception', {}).get('description')}")
+        return res.get("result", {}).get("value")
+
+    async def wait_for(self, expression: str, timeout: float = 60.0, poll: float = 0.25):
+        import asyncio
+        import time
+
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = await self.evaluate(expression)
+                if last:
+                    return last
+            except RuntimeError as exc:
+                last = str(exc)
+            await asyncio.sleep(poll)
+        raise TimeoutError(f"page never satisfied {expression!r} (last: {last!r}); console: {self.console[-10:]}")

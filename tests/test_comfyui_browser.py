@@ -1,0 +1,121 @@
+"""The real ComfyUI frontend in headless Chromium: the Genesis widget marks which choices work here.
+
+Needs COMFYUI_PATH and Debian's ``chromium``; skips otherwise. Set GENESIS_SCREENSHOT=<path.png> to keep
+the screenshot (docs/comfyui_backend_marks.png was made this way).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+
+import pytest
+
+from comfy_helpers import Chromium, ComfyServer, chromium_binary, comfyui_path, http_get
+
+pytestmark = pytest.mark.skipif(comfyui_path() is None or chromium_binary() is None,
+                                reason="needs COMFYUI_PATH and a chromium binary")
+
+SETUP_JS = """
+(async () => {
+  const app = window.app;
+  app.graph.clear();
+  const add = (type, x, y) => { const n = LiteGraph.createNode(type); n.pos = [x, y]; app.graph.add(n); return n; };
+  const sw = add("GenesisAttentionSwitch", 80, 80);
+  const bs = add("GenesisBackendSelect", 80, 260);
+  const mm = add("GenesisMultiModalGen", 520, 80);
+  const w = sw.widgets.find((x) => x.name === "attention");
+  w.value = "xformers"; w.callback?.(w.value);
+  app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1.2;
+  app.graph.setDirtyCanvas(true, true);
+  return [sw.id, bs.id, mm.id];
+})()
+"""
+
+LABELS_JS = """
+(() => {
+  const out = {};
+  for (const n of window.app.graph._nodes) {
+    for (const w of n.widgets || []) if (w.genesisDecorated) out[n.type + "." + w.name] = w.label || null;
+  }
+  return Object.keys(out).length >= 4 ? out : null;
+})()
+"""
+
+OPEN_MENU_JS = """
+(() => {
+  const app = window.app;
+  const node = app.graph._nodes.find((n) => n.type === "GenesisAttentionSwitch");
+  const w = node.widgets.find((x) => x.name === "attention");
+  const [cx, cy] = app.canvas.ds.convertOffsetToCanvas ? [0, 0] : [0, 0];
+  const rect = app.canvas.canvas.getBoundingClientRect();
+  const scale = app.canvas.ds.scale, off = app.canvas.ds.offset;
+  const x = rect.left + (node.pos[0] + node.size[0] / 2 + off[0]) * scale;
+  const y = rect.top + (node.pos[1] + w.y + off[1]) * scale;
+  const e = new PointerEvent("click", { clientX: x, clientY: y });
+  e.canvasX = node.pos[0] + node.size[0] / 2; e.canvasY = node.pos[1] + w.y;
+  w.onClick({ e, node, canvas: app.canvas });
+  return Array.from(document.querySelectorAll(".litecontextmenu .litemenu-entry")).map((el) => ({
+    value: el.dataset.value, text: el.textContent, title: el.title, available: el.dataset.genesisAvailable,
+  }));
+})()
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with ComfyServer(tmp_path_factory.mktemp("comfy_browser_base")) as srv:
+        yield srv
+
+
+def test_widget_shows_availability_marks(server, tmp_path):
+    import urllib.request
+
+    # A returning user: no first-run template dialog over the canvas.
+    for key, value in (("Comfy.TutorialCompleted", True), ("Comfy.Validation.Workflows", False)):
+        req = urllib.request.Request(f"{server.url}/settings/{key}", data=json.dumps(value).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=10).read()
+    _, backends = http_get(server.url + "/genesis/backends")
+    expected = {name: row["available"] for name, row in backends["choices"].items()}
+
+    async def scenario(page):
+        await page.send("Runtime.enable")
+        await page.send("Page.enable")
+        await page.send("Emulation.setDeviceMetricsOverride", width=1500, height=900, deviceScaleFactor=1, mobile=False)
+        await page.send("Page.navigate", url=server.url + "/")
+        await page.wait_for("!!(window.app && window.app.graph && window.LiteGraph && window.app.canvas)", timeout=120)
+        await page.wait_for("!!window.LiteGraph.registered_node_types['GenesisAttentionSwitch']", timeout=60)
+        await page.evaluate("document.querySelectorAll('.p-dialog-mask').forEach((d) => d.remove())")
+        await page.evaluate(SETUP_JS)
+        labels = await page.wait_for(LABELS_JS, timeout=60)
+        entries = await page.evaluate(OPEN_MENU_JS)
+        await page.evaluate("new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        shot = await page.send("Page.captureScreenshot", format="png")
+        return labels, entries, base64.b64decode(shot["data"]), page.console
+
+    with Chromium(tmp_path / "profile") as browser:
+        labels, entries, png, console = browser.run(scenario)
+
+    path = tmp_path / "comfyui_backend_marks.png"
+    path.write_bytes(png)
+    if os.environ.get("GENESIS_SCREENSHOT"):
+        shutil.copyfile(path, os.environ["GENESIS_SCREENSHOT"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    # The selected (unavailable here) xformers choice is marked on the node; cpu is marked as working.
+    mark = "\u2713" if expected["xformers"] else "\u2717"
+    assert labels["GenesisAttentionSwitch.attention"] == f"attention {mark}", labels
+    assert labels["GenesisBackendSelect.backend"].startswith("backend "), labels
+    assert labels["GenesisMultiModalGen.attention_type"].startswith("attention_type "), labels
+
+    # Every dropdown option carries a mark, and unavailable ones say why on hover.
+    by_value = {e["value"]: e for e in entries}
+    assert set(by_value) == set(expected), (entries, console[-10:])
+    for name, ok in expected.items():
+        entry = by_value[name]
+        assert entry["available"] == str(ok).lower(), entry
+        assert entry["text"].startswith("\u2717" if not ok else ("\u2713", "\u2605")), entry
+        if not ok:
+            assert entry["title"].startswith("not available here: ") and len(entry["title"]) > 25, entry
