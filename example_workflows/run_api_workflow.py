@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Post an API-format workflow to a running ComfyUI, wait for it, print its outputs. Standard library only.
 
-    python example_workflows/run_api_workflow.py example_workflows/genesis_cross_attention_api.json
+    python example_workflows/run_api_workflow.py example_workflows/api/genesis_cross_attention.json
     python example_workflows/run_api_workflow.py WORKFLOW.json --server http://127.0.0.1:8188 --timeout 300
 
 Exit status: 0 when the prompt ran, 2 when ComfyUI refused it (validation errors are printed per node and

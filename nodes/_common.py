@@ -5,6 +5,7 @@ through the attributes and methods ComfyUI documents for node authors.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -77,25 +78,33 @@ def check_tensor(node: str, name: str, x: Any, ranks: Sequence[int], layout: str
     return x
 
 
-def run_on_backend(choice: Optional[BackendChoice], fn: Callable[..., Any], *args: torch.Tensor) -> Any:
-    """Run ``fn(*args)`` where ``choice`` says (default: the arguments' own device); results come back to CPU
-    only when the choice moved them away from it.
+_EXECUTOR = None
+_EXECUTOR_LOCK = threading.Lock()
 
-    Torch backends move the arguments (and any nn.Module among them) to the device. ONNX/WebGPU choices go
-    through the Genesis HeterogeneousExecutor.
-    """
+
+def executor_for(choice: BackendChoice):
+    """The process-wide Genesis HeterogeneousExecutor, with a worker registered for ``choice``; returns
+    (executor, worker name)."""
+    from ..genesis_core.compute import HeterogeneousExecutor  # lazy: keeps importing the pack light
+
+    global _EXECUTOR
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None:
+            _EXECUTOR = HeterogeneousExecutor()
+        name = f"genesis-node:{choice}"
+        if name not in _EXECUTOR.registered():
+            _EXECUTOR.register_backend(choice.backend, choice.device, name=name)
+        return _EXECUTOR, name
+
+
+def run_on_backend(choice: Optional[BackendChoice], fn: Callable[..., Any], *tensors: torch.Tensor) -> Any:
+    """Run ``fn(*tensors)`` on ``choice`` through the Genesis HeterogeneousExecutor (tensors are moved there,
+    models that ``fn`` captures run there, results come back to the first tensor's device). Without a
+    choice, ``fn`` runs where the tensors are."""
     if choice is None:
-        return fn(*args)
-    if choice.backend in TORCH_BACKENDS:
-        dev = choice.torch_device
-        moved = [a.to(dev) if isinstance(a, (torch.Tensor, torch.nn.Module)) else a for a in args]
-        out = fn(*moved)
-        return out
-    from ..genesis_core.compute import HeterogeneousExecutor, ComputeBackend  # lazy: ONNX path only
-
-    executor = HeterogeneousExecutor()
-    executor.register_backend(ComputeBackend(choice.backend))
-    return executor.execute_on_backend(ComputeBackend(choice.backend), fn, *args)
+        return fn(*tensors)
+    executor, name = executor_for(choice)
+    return executor.execute_on_backend(name, fn, *tensors)
 
 
 def tooltip(text: str, **options: Any) -> Dict[str, Any]:

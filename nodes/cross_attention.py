@@ -74,11 +74,11 @@ class GenesisCrossAttention(ComfyUINodeInterface):
         module = build_module(node, query, context, num_heads, attention, seed)
         home = query.device
 
-        def run(m, q, c, *mk):
+        def run(q, c, *mk):
             with torch.inference_mode():
-                return m(q, c, c, mask=mk[0] if mk else None)
+                return module(q, c, c, mask=mk[0] if mk else None)
 
-        args = (module, query, context) + ((mask,) if mask is not None else ())
+        args = (query, context) + ((mask,) if mask is not None else ())
         out = run_on_backend(backend, run, *args)
         return (out.to(home),)
 

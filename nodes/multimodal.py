@@ -73,11 +73,14 @@ class MultiModalGenNode(ComfyUINodeInterface):
         cross.eval(), self_attn.eval()
         txt = txt.expand(img.shape[0], -1, -1).to(img.dtype)
 
-        def process(cross_m, self_m, img_feat, txt_emb):
+        cross, self_attn = cross.to(img.dtype), self_attn.to(img.dtype)
+
+        def process(img_feat, txt_emb):
             with torch.inference_mode():
-                cross_out = cross_m(img_feat, txt_emb, txt_emb)
-                return self_m(cross_out)
+                # Cross-attention: image attends to text; then self-attention.
+                cross_out = cross(img_feat, txt_emb, txt_emb)
+                return self_attn(cross_out)
 
         home = img.device
-        out = run_on_backend(BackendChoice(member.value, device), process, cross.to(img.dtype), self_attn.to(img.dtype), img, txt)
+        out = run_on_backend(BackendChoice(member.value, device), process, img, txt)
         return (out.to(home),)

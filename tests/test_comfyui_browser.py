@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,62 @@ def test_widget_shows_availability_marks(server, tmp_path):
         assert entry["text"].startswith("\u2717" if not ok else ("\u2713", "\u2605")), entry
         if not ok:
             assert entry["title"].startswith("not available here: ") and len(entry["title"]) > 25, entry
+
+
+WORKFLOWS = Path(__file__).resolve().parent.parent / "example_workflows"
+
+FROM_API_JS = """
+(async () => {
+  const app = window.app;
+  app.loadApiJson(%s, %s);
+  await new Promise((r) => setTimeout(r, 300));
+  for (const n of app.graph._nodes) {
+    for (const w of n.widgets || []) if (w.name === "control_after_generate") w.value = "fixed";
+    if (n.type === "GenesisTensorInfo") n.size = [Math.max(n.size[0], 520), n.size[1]];
+  }
+  return app.graph.serialize();
+})()
+"""
+
+TO_API_JS = """
+(async () => {
+  const app = window.app;
+  await app.loadGraphData(%s, true, true, %s);
+  await new Promise((r) => setTimeout(r, 300));
+  const p = await app.graphToPrompt();
+  return p.output;
+})()
+"""
+
+
+def _strip(api):
+    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+
+
+def test_ui_workflows_are_the_twins_of_the_api_workflows(server, tmp_path):
+    """Each example_workflows/<name>.json (UI format, for the templates browser) turns into exactly
+    example_workflows/api/<name>.json when the real frontend converts it for /prompt.
+    GENESIS_WRITE_UI_WORKFLOWS=1 regenerates the UI files from the API ones through the same frontend."""
+    write = os.environ.get("GENESIS_WRITE_UI_WORKFLOWS") == "1"
+    names = sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json"))
+    assert names
+
+    async def scenario(page):
+        await page.send("Runtime.enable")
+        await page.send("Page.navigate", url=server.url + "/")
+        await page.wait_for("!!(window.app && window.app.graph && window.LiteGraph && window.app.canvas)", timeout=120)
+        await page.wait_for("!!window.LiteGraph.registered_node_types['GenesisCrossAttention']", timeout=60)
+        results = {}
+        for name in names:
+            api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+            if write:
+                ui = await page.evaluate(FROM_API_JS % (json.dumps(api), json.dumps(name)))
+                (WORKFLOWS / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n")
+            ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+            results[name] = (api, await page.evaluate(TO_API_JS % (json.dumps(ui), json.dumps(name))))
+        return results
+
+    with Chromium(tmp_path / "profile") as browser:
+        results = browser.run(scenario)
+    for name, (api, converted) in results.items():
+        assert _strip(converted) == _strip(api), name

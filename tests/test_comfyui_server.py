@@ -28,7 +28,7 @@ def client():
 
 
 def _workflow(name):
-    return json.loads((WORKFLOWS / name).read_text())
+    return json.loads((WORKFLOWS / "api" / name).read_text())
 
 
 def _run(client, server, workflow):
@@ -78,7 +78,7 @@ def test_web_extension_is_served(server):
 
 
 def test_cross_attention_workflow(server, client):
-    entry = _run(client, server, _workflow("genesis_cross_attention_api.json"))
+    entry = _run(client, server, _workflow("genesis_cross_attention.json"))
     assert client.execution_error(entry) is None, entry["status"]
     text = entry["outputs"]["5"]["text"][0]
     assert "shape [1x64x64]" in text and "NaN 0" in text
@@ -87,21 +87,21 @@ def test_cross_attention_workflow(server, client):
 
 
 def test_latent_tokens_workflow(server, client):
-    entry = _run(client, server, _workflow("genesis_latent_tokens_api.json"))
+    entry = _run(client, server, _workflow("genesis_latent_tokens.json"))
     assert client.execution_error(entry) is None, entry["status"]
     assert "shape [1x192x4]" in entry["outputs"]["7"]["text"][0]  # 128x96 image -> 16x12 latent, 4 channels
 
 
 def test_multimodal_workflow_with_the_client_script(server):
     out = subprocess.run([sys.executable, str(WORKFLOWS / "run_api_workflow.py"),
-                          str(WORKFLOWS / "genesis_multimodal_api.json"), "--server", server.url, "--timeout", "180"],
+                          str(WORKFLOWS / "api" / "genesis_multimodal.json"), "--server", server.url, "--timeout", "180"],
                          capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "shape [2x32x64]" in out.stdout
 
 
 def test_unknown_attention_name_is_a_validation_error(server, client):
-    wf = _workflow("genesis_cross_attention_api.json")
+    wf = _workflow("genesis_cross_attention.json")
     wf["4"]["inputs"]["attention"] = "warp-drive"
     status, body = client.post_prompt(server.url, wf)
     # ComfyUI still runs the outputs that do not depend on the bad node (200), or refuses the prompt (400);
@@ -113,7 +113,7 @@ def test_unknown_attention_name_is_a_validation_error(server, client):
 
 
 def test_missing_link_is_a_validation_error(server, client):
-    wf = _workflow("genesis_cross_attention_api.json")
+    wf = _workflow("genesis_cross_attention.json")
     del wf["4"]["inputs"]["context"]
     status, body = client.post_prompt(server.url, wf)
     assert status in (200, 400)
@@ -122,7 +122,7 @@ def test_missing_link_is_a_validation_error(server, client):
 
 
 def test_link_to_missing_node_is_refused(server, client):
-    wf = _workflow("genesis_cross_attention_api.json")
+    wf = _workflow("genesis_cross_attention.json")
     wf["4"]["inputs"]["query"] = ["99", 0]
     for node in ("6", "7"):  # leave only the output that depends on the broken link
         del wf[node]
@@ -131,7 +131,7 @@ def test_link_to_missing_node_is_refused(server, client):
 
 
 def test_wrong_tensor_rank_is_an_execution_error_naming_node_and_input(server, client):
-    wf = _workflow("genesis_cross_attention_api.json")
+    wf = _workflow("genesis_cross_attention.json")
     wf["4"]["inputs"]["query"] = ["6", 1]  # the 4-D attention weights where [B, N, D] tokens belong
     entry = _run(client, server, wf)
     err = client.execution_error(entry)
@@ -142,5 +142,5 @@ def test_wrong_tensor_rank_is_an_execution_error_naming_node_and_input(server, c
 
 def test_server_survives_bad_input(server, client):
     assert server.alive()
-    entry = _run(client, server, _workflow("genesis_multimodal_api.json"))
+    entry = _run(client, server, _workflow("genesis_multimodal.json"))
     assert client.execution_error(entry) is None

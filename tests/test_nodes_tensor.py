@@ -146,3 +146,36 @@ def test_missing_backend_is_a_clear_error():
 def test_bad_inputs_name_node_and_input(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
         run(name, **kwargs)
+
+
+def test_cross_attention_through_onnx_runtime_matches_torch():
+    compute = __import__(pack.__name__ + ".genesis_core.compute.backends", fromlist=["backend_status"])
+    status = compute.backend_status("onnx")
+    if not status.available:
+        pytest.skip(f"onnx backend not available: {status.reason}")
+    (choice, _) = run("GenesisBackendSelect", backend="onnx", device_index=0)
+    assert choice.backend == "onnx" and choice.device is None
+    q, c = torch.randn(1, 6, 16), torch.randn(1, 4, 12)
+    (a,) = run("GenesisCrossAttention", query=q, context=c, num_heads=4, attention="sdpa", seed=3, backend=choice)
+    (b,) = run("GenesisCrossAttention", query=q, context=c, num_heads=4, attention="sdpa", seed=3)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="input 'model' can only be placed on a torch device"):
+        run("GenesisBackendSelect", backend="onnx", device_index=0, model=object())
+
+
+def test_backend_select_model_clone_gets_the_load_device():
+    class FakePatcher:  # the two things ComfyUI's ModelPatcher offers that the node uses
+        def __init__(self):
+            self.load_device = torch.device("meta")
+
+        def clone(self):
+            c = FakePatcher()
+            c.parent = self
+            return c
+
+    original = FakePatcher()
+    (choice, model) = run("GenesisBackendSelect", backend="cpu", device_index=0, model=original)
+    assert model is not original and model.parent is original
+    assert model.load_device == torch.device("cpu") and original.load_device == torch.device("meta")
+    with pytest.raises(ValueError, match="input 'device_index' must be in 0..0"):
+        run("GenesisBackendSelect", backend="cpu", device_index=3)
