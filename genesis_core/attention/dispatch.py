@@ -41,21 +41,32 @@ _MAX_PLANS = 4096
 _plans: Dict[tuple, "_Plan"] = {}
 _plans_lock = threading.Lock()
 _served: Dict[str, str] = {}
-_tls = threading.local()
+
+
+class _ThreadState(threading.local):
+    # Class-level defaults: reading an unset attribute finds these instead of raising (much faster
+    # than getattr(local, name, None) on the per-call path).
+    override: Optional[str] = None
+    last: Optional[str] = None
+
+
+_tls = _ThreadState()
 _default_backend = "auto"
 # The AUTO seam: chooser(call, candidate_names) -> name or None. The autotuner installs itself here.
 _auto_chooser: Optional[Callable[[AttentionCall, List[str]], Optional[str]]] = None
 
 
 class _Plan:
-    __slots__ = ("chain", "layout", "mask_view", "signature", "skipped")
+    __slots__ = ("chain", "layout", "mask_view", "signature", "skipped", "default_scale")
 
-    def __init__(self, chain: List[registry.Backend], layout: str, mask_view, signature: str, skipped):
+    def __init__(self, chain: List[registry.Backend], layout: str, mask_view, signature: str, skipped,
+                 default_scale: float):
         self.chain = chain
         self.layout = layout
         self.mask_view = mask_view  # the shape the mask is viewed as (4-D), or None
         self.signature = signature
         self.skipped = skipped
+        self.default_scale = default_scale  # head_dim ** -0.5, used when the call gives no scale
 
 
 # ---------------------------------------------------------------- backend names
@@ -89,7 +100,7 @@ def get_default_backend() -> str:
 def use_backend(backend: BackendArg) -> Iterator[str]:
     """Within the block, calls in *this thread* that ask for ``auto`` use ``backend`` instead."""
     name = backend_name(backend)
-    prev = getattr(_tls, "override", None)
+    prev = _tls.override
     _tls.override = name
     try:
         yield name
@@ -112,7 +123,7 @@ def clear_plans() -> None:
 
 def last_backend() -> Optional[str]:
     """Name of the backend that served this thread's last ``attention`` call."""
-    return getattr(_tls, "last", None)
+    return _tls.last
 
 
 def served_signatures() -> Dict[str, str]:
@@ -251,7 +262,7 @@ def _plan(name: str, q, k, v, mask, layout: str, scale) -> _Plan:
             break
         skipped.append((n, r))
         log_once(("skip", n, r), f"attention backend '{n}' skipped: {r}; using '{servable[0].name}'")
-    return _Plan(servable, layout, mask_view, _signature(call, layout, name), skipped)
+    return _Plan(servable, layout, mask_view, _signature(call, layout, name), skipped, q.shape[-1] ** -0.5)
 
 
 # ---------------------------------------------------------------- the call
@@ -274,10 +285,23 @@ def attention(
     three and of the result. ``mask``: boolean (True = attend) or additive float, shaped [Nk],
     [Nq, Nk], [B, Nq, Nk] or [B, H, Nq, Nk] (any dimension may be 1). ``scale`` defaults to D**-0.5.
     Returns [B, Hq, Nq, Dv] (or [B, Nq, Hq, Dv]). Raises TypeError/ValueError naming the bad argument.
+    Under ``torch.compile`` the call is traced as one opaque op (see :mod:`.compile`).
     """
-    name = backend if backend.__class__ is str and backend in _DIRECT else backend_name(backend)
+    if _is_compiling():
+        return _compile.traced_attention(q, k, v, mask, backend, layout, scale)
+    return eager_attention(q, k, v, mask, backend, layout, scale)
+
+
+def eager_attention(q, k, v, mask, backend, layout, scale) -> torch.Tensor:
+    """``attention`` without the torch.compile check (positional arguments; the custom op's body)."""
+    if backend is _AUTO:
+        name = "auto"
+    elif backend.__class__ is str and backend in _DIRECT:
+        name = backend
+    else:
+        name = backend_name(backend)
     if name == "auto":
-        name = getattr(_tls, "override", None) or _default_backend
+        name = _tls.override or _default_backend
     try:
         key = (
             name, layout, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
@@ -294,7 +318,10 @@ def attention(
                     _plans.clear()
                 _plans[key] = plan
         _served[plan.signature] = plan.chain[0].name
-    call = _make_call(q, k, v, mask, scale, layout, plan.mask_view)
+    if layout == "BHND" and mask is None:  # the common case, without _make_call's branches
+        call = AttentionCall(q, k, v, None, plan.default_scale if scale is None else float(scale))
+    else:
+        call = _make_call(q, k, v, mask, plan.default_scale if scale is None else scale, layout, plan.mask_view)
     while True:
         b = plan.chain[0]
         try:
@@ -315,6 +342,7 @@ def attention(
 
 
 _DIRECT = frozenset(registry.names())
+_AUTO = AttentionType.AUTO
 
 
 def explain(
@@ -333,7 +361,7 @@ def explain(
     """
     name = backend_name(backend)
     if name == "auto":
-        name = getattr(_tls, "override", None) or _default_backend
+        name = _tls.override or _default_backend
     mask_view = _validate(q, k, v, mask, layout, scale)
     call = _make_call(q, k, v, mask, scale, layout, mask_view)
     _, reasons = _resolve(name, call)
@@ -343,3 +371,19 @@ def explain(
 def backends_report() -> List[dict]:
     """Every registered backend: name, available, reason, version, kernel description."""
     return registry.report()
+
+
+# ---------------------------------------------------------------- torch.compile and the autotuner
+
+_compiler = getattr(torch, "compiler", None)
+if _compiler is not None and hasattr(_compiler, "is_compiling"):
+    _is_compiling = _compiler.is_compiling
+else:  # torch < 2.3
+    def _is_compiling() -> bool:
+        dynamo = getattr(torch, "_dynamo", None)
+        return bool(dynamo is not None and hasattr(dynamo, "is_compiling") and dynamo.is_compiling())
+
+from . import compile as _compile  # noqa: E402  (the custom op calls back into eager_attention)
+from . import autotune as _autotune  # noqa: E402
+
+set_auto_chooser(_autotune.choose)

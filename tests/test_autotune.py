@@ -1,0 +1,310 @@
+"""The autotuner on CPU: cache hit/miss, disk file (corrupt, foreign, concurrent writers), accuracy
+rejection of a deliberately wrong backend, fallback when every candidate fails, switches, threads."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import genesis_core
+from genesis_core.attention import autotune, autotune_cache, dispatch, registry
+from genesis_core.attention.registry import Backend
+from genesis_core.attention.types import AttentionCall
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tuner(tmp_path, monkeypatch):
+    """Measuring on (CPU included), a private cache dir, a small budget; state restored afterwards."""
+    monkeypatch.setenv("GENESIS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("GENESIS_AUTOTUNE_BUDGET_MS", "3000")
+    autotune.set_mode("all")
+    autotune.clear()
+    added = []
+
+    def add(name, run, tolerance=None):
+        b = Backend(name=name, probe=lambda: None, unsupported=lambda call: None, run=run,
+                    description=lambda: "test backend", tolerance=tolerance or {})
+        registry.register(b)
+        added.append(name)
+        dispatch.clear_plans()
+        return b
+
+    yield types.SimpleNamespace(add=add, path=tmp_path / "cache")
+    for name in added:
+        registry.unregister(name)
+    autotune.set_mode(None)
+    autotune.clear(disk=False)
+    dispatch.clear_plans()
+
+
+def qkv(b=1, h=2, nq=32, nk=24, d=16, dtype=torch.float32):
+    return (torch.randn(b, h, nq, d, dtype=dtype), torch.randn(b, h, nk, d, dtype=dtype),
+            torch.randn(b, h, nk, d, dtype=dtype))
+
+
+def reference(q, k, v, mask=None):
+    s = (q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, -1) @ v.double()
+
+
+def count_measures(monkeypatch):
+    calls = []
+    real = autotune.measure
+
+    def counting(call, names, budget_ms=None):
+        calls.append(autotune.signature(call))
+        return real(call, names, budget_ms)
+
+    monkeypatch.setattr(autotune, "measure", counting)
+    return calls
+
+
+def test_buckets_are_half_octaves():
+    assert [autotune.bucket(n) for n in (1, 16, 17, 77, 4096, 4608, 32760)] == [1, 16, 23, 91, 4096, 5793, 32768]
+    sizes = list(range(1, 5000, 7))
+    assert all(autotune.bucket(a) <= autotune.bucket(b) for a, b in zip(sizes, sizes[1:]))
+    assert all(autotune.bucket(n) >= n for n in sizes)
+
+
+def test_cpu_measuring_is_off_by_default_and_env_switch(monkeypatch):
+    autotune.set_mode(None)
+    monkeypatch.delenv("GENESIS_AUTOTUNE", raising=False)
+    assert autotune.mode() == "accelerators"
+    assert not autotune.enabled_for(torch.device("cpu"))
+    assert autotune.enabled_for(torch.device("cuda"))
+    monkeypatch.setenv("GENESIS_AUTOTUNE", "0")
+    assert not autotune.enabled_for(torch.device("cuda"))
+    monkeypatch.setenv("GENESIS_AUTOTUNE", "all")
+    assert autotune.enabled_for(torch.device("cpu"))
+    with pytest.raises(ValueError, match="autotune mode"):
+        autotune.set_mode("sometimes")
+
+
+def test_env_off_measures_nothing(tuner, monkeypatch):
+    autotune.set_mode(None)
+    monkeypatch.setenv("GENESIS_AUTOTUNE", "off")
+    calls = count_measures(monkeypatch)
+    q, k, v = qkv()
+    out = genesis_core.attention(q, k, v)
+    torch.testing.assert_close(out.double(), reference(q, k, v), atol=1e-5, rtol=1e-5)
+    assert calls == [] and autotune.timings() == {}
+    assert dispatch.last_backend() == dispatch.DEFAULT_AUTO_ORDER[0]
+
+
+def test_miss_measures_then_hits_memory_and_disk(tuner, monkeypatch):
+    calls = count_measures(monkeypatch)
+    q, k, v = qkv(nq=32)
+    out = genesis_core.attention(q, k, v)
+    torch.testing.assert_close(out.double(), reference(q, k, v), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1
+    sig = calls[0]
+    row = autotune.timings()[sig]
+    assert row["chosen"] == dispatch.last_backend()
+    assert row["chosen"] in row and row[row["chosen"]] == min(v for n, v in row.items() if n not in ("chosen", "rejected"))
+    # Another exact shape in the same buckets: a memory hit, nothing measured.
+    q2, k2, v2 = qkv(nq=30, nk=23)
+    genesis_core.attention(q2, k2, v2)
+    assert len(calls) == 1
+    # A new head_dim is a new signature: a miss.
+    genesis_core.attention(*qkv(d=32))
+    assert len(calls) == 2
+    # The file holds both; after dropping memory, the choice comes back from disk without measuring.
+    data = json.loads(autotune.cache_path().read_text())
+    assert sig in data["entries"] and data["env"] == autotune.environment()
+    autotune.reload()
+    assert autotune.lookup(sig)["chosen"] == row["chosen"]
+    genesis_core.attention(q, k, v)
+    assert len(calls) == 2
+
+
+def test_clear_forgets_memory_and_file(tuner, monkeypatch):
+    calls = count_measures(monkeypatch)
+    q, k, v = qkv()
+    genesis_core.attention(q, k, v)
+    path = autotune.cache_path()
+    assert path.exists()
+    autotune.clear()
+    assert not path.exists() and autotune.timings() == {}
+    genesis_core.attention(q, k, v)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("content, kind", [
+    ("{not json", "corrupt"),
+    ('{"format": 1, "env": {}, "entries": []}', "corrupt"),
+    ('{"format": 1, "env": {"torch": "0.0"}, "entries": {}}', "foreign"),
+])
+def test_corrupt_or_foreign_file_is_set_aside_and_rebuilt(tuner, monkeypatch, content, kind):
+    path = autotune.cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    autotune.reload()
+    calls = count_measures(monkeypatch)
+    q, k, v = qkv()
+    out = genesis_core.attention(q, k, v)  # never fatal
+    torch.testing.assert_close(out.double(), reference(q, k, v), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1
+    aside = list(path.parent.glob(path.name + f".{kind}-*"))
+    assert len(aside) == 1 and aside[0].read_text() == content
+    data = json.loads(path.read_text())
+    assert calls[0] in data["entries"]
+
+
+def test_unwritable_cache_dir_is_not_fatal(tuner, monkeypatch, tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    monkeypatch.setenv("GENESIS_CACHE_DIR", str(blocker / "sub"))
+    q, k, v = qkv(d=8)
+    out = genesis_core.attention(q, k, v)
+    torch.testing.assert_close(out.double(), reference(q, k, v), atol=1e-5, rtol=1e-5)
+    assert any(s for s in autotune.timings())
+
+
+def test_concurrent_writers_keep_every_entry(tmp_path):
+    env = {"test": "concurrent"}
+    path = tmp_path / "autotune-test.json"
+    # Separate DiskCache objects (separate in-process locks), as separate processes would be.
+    def writer(i):
+        cache = autotune_cache.DiskCache(env, path)
+        for j in range(15):
+            cache.update({f"t{i}-{j}": {"chosen": "sdpa", "ms": {"sdpa": float(j)}}})
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(6)]
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+        from genesis_core.attention.autotune_cache import DiskCache
+        cache = DiskCache({env!r}, {str(path)!r})
+        for j in range(15):
+            cache.update({{f"p{{sys.argv[1]}}-{{j}}": {{"chosen": "pytorch", "ms": {{"pytorch": 1.0}}}}}})
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)]) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    entries = autotune_cache.DiskCache(env, path).load()
+    want = {f"t{i}-{j}" for i in range(6) for j in range(15)} | {f"p{i}-{j}" for i in range(2) for j in range(15)}
+    assert set(entries) == want
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.corrupt-*"))
+
+
+def test_inaccurate_fast_backend_is_rejected(tuner, monkeypatch):
+    # Deliberately wrong and as fast as a backend can be: returns (a view of) q.
+    tuner.add("wrong_fast", lambda call: call.q[..., : call.v_head_dim])
+    tuner.add("nan_out", lambda call: torch.full_like(call.q, float("nan")))
+    tuner.add("raises", lambda call: (_ for _ in ()).throw(RuntimeError("kernel exploded")))
+    tuner.add("bad_shape", lambda call: call.q[:, :, :1])
+    q, k, v = qkv()
+    out = genesis_core.attention(q, k, v)
+    torch.testing.assert_close(out.double(), reference(q, k, v), atol=1e-5, rtol=1e-5)
+    (row,) = autotune.timings().values()
+    assert row["chosen"] not in ("wrong_fast", "nan_out", "raises", "bad_shape")
+    assert dispatch.last_backend() == row["chosen"]
+    rej = row["rejected"]
+    assert "relative error" in rej["wrong_fast"] and "tolerance 0.001" in rej["wrong_fast"]
+    assert "NaN" in rej["nan_out"]
+    assert "kernel exploded" in rej["raises"]
+    assert "wrong output" in rej["bad_shape"]
+
+
+def test_slightly_wrong_backend_within_its_tolerance_survives(tuner):
+    # 0.5% off: rejected under the float32 default (1e-3), kept when the backend declares 1e-2.
+    tuner.add("loose", lambda call: dispatch.registry.get("pytorch").run(call) * 1.005,
+              tolerance={torch.float32: 1e-2})
+    tuner.add("strict", lambda call: dispatch.registry.get("pytorch").run(call) * 1.005)
+    q, k, v = qkv()
+    genesis_core.attention(q, k, v)
+    (row,) = autotune.timings().values()
+    assert "loose" in row and "loose" not in row["rejected"]
+    assert "relative error" in row["rejected"]["strict"]
+
+
+def test_masked_calls_are_checked_against_a_masked_reference(tuner):
+    tuner.add("ignores_mask", lambda call: dispatch.registry.get("pytorch").run(
+        AttentionCall(call.q, call.k, call.v, None, call.scale)))
+    q, k, v = qkv(b=2, nq=20, nk=16)
+    mask = torch.rand(2, 1, 20, 16) > 0.3
+    mask[..., 0] = True
+    out = genesis_core.attention(q, k, v, mask)
+    torch.testing.assert_close(out.double(), reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    (row,) = autotune.timings().values()
+    assert "relative error" in row["rejected"]["ignores_mask"]
+
+
+def test_fallback_when_every_candidate_fails(tuner):
+    tuner.add("broken_a", lambda call: (_ for _ in ()).throw(RuntimeError("no kernel image")))
+    tuner.add("broken_b", lambda call: call.q * 0 + 1)
+    q, k, v = qkv()
+    call = AttentionCall(q, k, v, None, q.shape[-1] ** -0.5)
+    assert autotune.choose(call, ["broken_a", "broken_b"]) is None
+    row = autotune.timings()[autotune.signature(call)]
+    assert row["chosen"] is None
+    assert set(row["rejected"]) == {"broken_a", "broken_b"}
+    assert "no kernel image" in row["rejected"]["broken_a"]
+    # dispatch then applies its default order: the call still works
+    assert dispatch.chain_for("auto", call)[0] == dispatch.DEFAULT_AUTO_ORDER[0]
+
+
+def test_one_thread_measures_a_signature_the_others_wait(tuner, monkeypatch):
+    calls = count_measures(monkeypatch)
+    q, k, v = qkv(h=3, nq=40, d=24)
+    want = reference(q, k, v)
+    results, errors = [], []
+
+    def work():
+        try:
+            results.append(genesis_core.attention(q, k, v))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 6
+    assert len(calls) == 1
+    for r in results:
+        torch.testing.assert_close(r.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_comfyui_progress_bar_is_used_when_comfy_is_loaded(tuner, monkeypatch):
+    updates = []
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total = total
+
+        def update(self, n):
+            updates.append((self.total, n))
+
+    fake = types.ModuleType("comfy.utils")
+    fake.ProgressBar = ProgressBar
+    monkeypatch.setitem(sys.modules, "comfy.utils", fake)
+    q, k, v = qkv(d=40)
+    call = AttentionCall(q, k, v, None, q.shape[-1] ** -0.5)
+    entry = autotune.measure(call, ["sdpa", "pytorch"])
+    assert entry["chosen"] in ("sdpa", "pytorch")
+    assert len(updates) == 3 and all(t == 3 for t, _ in updates)
+
+
+def test_tune_ahead_and_timings_format(tuner):
+    q, k, v = qkv(nq=50, nk=50)
+    entry = autotune.tune(q, k, v, layout="BHND")
+    assert entry["chosen"] is not None and entry["ms"][entry["chosen"]] > 0
+    (sig, row) = next(iter(autotune.timings().items()))
+    assert sig.startswith("cpu float32 BH2 Nq") and "mask=none BHND" in sig
+    assert isinstance(row["rejected"], dict) and all(isinstance(row[n], float) for n in entry["ms"])
