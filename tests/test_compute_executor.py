@@ -242,3 +242,35 @@ def test_several_workers_of_one_backend_by_name(ex):
     assert "cpu1" not in ex.registered()
     with pytest.raises(KeyError):
         ex.unregister_backend("cpu1")
+
+
+def test_replica_substitution_is_thread_local(ex):
+    # the same closure runs at the same time on the CPU (original weights) and on another device (replicas)
+    name = _fake_device_worker(ex)
+    m = TinyCross().eval()
+    barrier = threading.Barrier(2, timeout=10)
+
+    def fn(x, ctx):
+        barrier.wait()  # both calls are inside fn together
+        out = m(x, ctx)
+        barrier.wait()
+        return out
+
+    x, ctx = torch.randn(2, 16, 32), torch.randn(2, 7, 48)
+    outs = ex.parallel_execute(fn, [(x, ctx), (x, ctx)], ["cpu", name], return_device=None)
+    assert outs[0].device.type == "cpu" and outs[1].device.type == "meta"
+    torch.testing.assert_close(outs[0].double(), reference_cross(m, x, ctx), atol=1e-5, rtol=1e-4)
+
+
+def test_unused_reachable_models_are_not_copied(ex):
+    name = _fake_device_worker(ex)
+
+    class Node:
+        def __init__(self):
+            self.used, self.unused = nn.Linear(4, 4), nn.Linear(64, 64)
+            self.executor = ex  # the executor itself is never searched
+
+    node = Node()
+    out = ex.execute_on_backend(name, lambda x: node.used(x), torch.randn(2, 4), return_device=None)
+    assert out.device.type == "meta" and ex._replicas.copies == 2  # weight + bias of `used` only
+    assert {id(m) for m in reachable_modules(lambda x: node.used(x))} == {id(node.used), id(node.unused)}

@@ -180,3 +180,13 @@ def test_plan_shares_always_sums_and_balances(total, models):
     if len(busy) > 1:
         slack = 2.01 * max(b for _, b in models)
         assert max(busy) - min(busy) <= slack + 1e-12  # equal up to one row of rounding
+
+
+def test_worker_threads_inherit_no_grad(ex):
+    lin = torch.nn.Linear(3, 3)
+    with torch.no_grad():
+        outs = ex.parallel_execute(lin, [torch.randn(2, 3)] * 3, ["w0", "w1", "w2"])
+        inf = ex.split_execute(lin, torch.randn(8, 3), ["w0", "w1"], calibrate=False)
+    assert not any(o.requires_grad for o in outs) and not inf.requires_grad
+    outs = ex.parallel_execute(lin, [torch.randn(2, 3)] * 2, ["w0", "w1"])
+    assert all(o.requires_grad for o in outs)

@@ -12,8 +12,10 @@ package proves nothing about the driver.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import io
 import threading
 from dataclasses import dataclass, field
 from enum import Enum
@@ -178,9 +180,14 @@ def _probe_webgpu_ort() -> Optional[str]:
         graph = helper.make_graph([node], "probe", info[:2], info[2:])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["WebGpuExecutionProvider"])
+        # ORT prints its EP failure and falls back to CPU; keep that text for the reason, off the console
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            sess = ort.InferenceSession(model.SerializeToString(), providers=["WebGpuExecutionProvider"])
         if "WebGpuExecutionProvider" not in sess.get_providers():
-            return "WebGpuExecutionProvider was listed but the session fell back to " + ", ".join(sess.get_providers())
+            detail = [ln.strip() for ln in captured.getvalue().splitlines() if "adapter" in ln or "EP Error" in ln]
+            return ("WebGpuExecutionProvider is listed but could not start (the session fell back to "
+                    + ", ".join(sess.get_providers()) + ")" + (f": {detail[-1][-200:]}" if detail else ""))
         a = np.arange(4, dtype=np.float32)
         out = sess.run(None, {"a": a, "b": a})[0]
         if not np.allclose(out, 2 * a):

@@ -38,7 +38,7 @@ DeviceLike = Union[torch.device, str, int, None]
 INPUT = "input"  # return_device default: results go where the first input tensor came from
 
 _ONNX_OPTIONS = ("providers", "provider_options", "cache_dir", "opset_version", "exporter", "max_sessions",
-                 "log_severity")
+                 "log_severity", "session_config")
 _local = threading.local()
 
 
@@ -143,6 +143,8 @@ class HeterogeneousExecutor:
     :meth:`split_execute`, :meth:`split_plan`, :meth:`place`, :meth:`release`, :meth:`stats`.
     """
 
+    _genesis_opaque = True  # model discovery does not search the executor (a node may hold one)
+
     def __init__(self) -> None:
         self._workers: Dict[str, Worker] = {}
         self._lock = threading.RLock()
@@ -163,7 +165,7 @@ class HeterogeneousExecutor:
             name: worker name (default: the backend value); reuse a name to replace that worker.
             options: ONNX/WEBGPU only - ``providers``, ``provider_options``, ``cache_dir``,
                 ``opset_version``, ``exporter`` (``"torchscript"``/``"dynamo"``/``"auto"``), ``max_sessions``,
-                ``log_severity`` (see :class:`~genesis_core.compute.onnx.OnnxRunner`).
+                ``log_severity``, ``session_config`` (see :class:`~genesis_core.compute.onnx.OnnxRunner`).
 
         Raises:
             ValueError: unknown backend, or a device that does not belong to it.
@@ -356,8 +358,8 @@ class HeterogeneousExecutor:
         args = map_tensors(args, move)
         kwargs = map_tensors(kwargs, move)
         modules = reachable_modules(fn)
-        table = self._replicas.mapping(modules, dev) if modules else {}
-        if table:
+        view = self._replicas.view(modules, dev) if modules else None
+        if view:
             log_once(("replicas", worker.name, getattr(fn, "__qualname__", type(fn).__name__)),
                      f"running models captured by {getattr(fn, '__qualname__', type(fn).__name__)} on "
                      f"{dev} from cached device copies; executor.place(module, backend) moves them for good",
@@ -366,8 +368,8 @@ class HeterogeneousExecutor:
         if ctx is not None:
             ctx.__enter__()
         try:
-            if table:
-                with ReplicaMode(table):
+            if view:
+                with ReplicaMode(view):
                     return fn(*args, **kwargs)
             return fn(*args, **kwargs)
         finally:
@@ -413,10 +415,14 @@ class HeterogeneousExecutor:
         times: List[float] = [0.0] * n
         failures: List[Tuple[int, str, BaseException]] = []
 
+        # worker threads start with autograd on; carry the caller's no_grad / inference_mode over
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
         def one(i: int) -> None:
             split = splits[i]
             args = split if isinstance(split, tuple) else (split,)
-            results[i], times[i] = self._execute(workers[i], fn, args, {}, return_device, sync=sync)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                results[i], times[i] = self._execute(workers[i], fn, args, {}, return_device, sync=sync)
 
         if n == 1:
             futures = None
@@ -595,7 +601,8 @@ class HeterogeneousExecutor:
             if w.runner is not None:
                 s = w.runner.stats
                 row.update(exports=s.exports, export_s=s.export_s, session_hits=s.session_hits,
-                           disk_hits=s.disk_hits, sessions=s.sessions, providers=list(w.options.get("providers", [])))
+                           disk_hits=s.disk_hits, sessions=s.sessions, providers=list(w.options.get("providers", [])),
+                           active_providers=list(s.extra.get("active_providers", [])))
             out[w.name] = row
         return out
 

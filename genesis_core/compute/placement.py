@@ -10,10 +10,11 @@ How Genesis does it, and why:
    ``nn.Module``, a bound method's ``self``, closure cells, defaults, ``functools.partial`` arguments, the
    globals its code names (including nested lambdas/comprehensions), and - a few levels down - attributes
    of plain objects and items of lists/dicts. Modules are not walked into (a module carries its children).
-2. **Replicas, once per device.** For each discovered module, parameters and buffers that live on another
-   device are copied to the target device once and cached (keyed weakly by module, per device). A cached
-   replica is refreshed when the source tensor changes in place (``load_state_dict``, optimizer steps:
-   the tensor version counter moves) or is re-pointed (``.data = ...``).
+2. **Replicas, once per device, on first use.** A parameter or buffer of a discovered module that lives
+   on another device is copied to the target device the first time ``fn`` uses it, and cached (keyed
+   weakly by module, per device): a reachable model ``fn`` never touches costs nothing. A cached replica is
+   refreshed when the source changes in place (``load_state_dict``, optimizer steps: the tensor version
+   counter moves) or is re-pointed (``.data = ...``).
 3. **Substitution while ``fn`` runs.** A thread-local ``TorchFunctionMode`` swaps a source parameter for
    its replica whenever a torch function receives it (``F.linear(x, self.weight)``, ``self.weight.dtype``).
 
@@ -67,7 +68,7 @@ def reachable_modules(fn: Any) -> List[nn.Module]:
     budget = [MAX_VISITS]
 
     def visit(obj: Any, depth: int, home: str = "") -> None:
-        if isinstance(obj, _SKIP_TYPES) or id(obj) in seen:
+        if isinstance(obj, _SKIP_TYPES) or id(obj) in seen or getattr(type(obj), "_genesis_opaque", False):
             return
         if budget[0] <= 0:
             log_once(("placement-budget", home), f"stopped looking for models captured by {home or 'fn'} after "
@@ -132,17 +133,53 @@ def _module_tensors(module: nn.Module) -> List[torch.Tensor]:
     return list(out.values())
 
 
+class ReplicaView:
+    """The replicas one call may use: source tensors not on ``device``, copied there on first use.
+
+    Copies are lazy, so a model that is reachable but unused (a node holding several models, fn using
+    one) costs nothing on the target device.
+    """
+
+    __slots__ = ("_cache", "_device", "_sources")
+
+    def __init__(self, cache: "ReplicaCache", device: torch.device,
+                 sources: Dict[int, Any]) -> None:
+        self._cache, self._device, self._sources = cache, device, sources
+
+    def __bool__(self) -> bool:
+        return bool(self._sources)
+
+    def lookup(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The replica of ``tensor`` when it is one of the sources, else ``tensor`` itself."""
+        hit = self._sources.get(id(tensor))
+        if hit is None or hit[1] is not tensor:
+            return tensor
+        store, source = hit
+        replica = store.get(id(source))
+        if replica is None:
+            with self._cache._lock:
+                replica = store.get(id(source))
+                if replica is None:
+                    with torch.no_grad():
+                        replica = source.detach().to(self._device)
+                    store[id(source)] = replica
+                    self._cache.copies += 1
+        return replica
+
+
 class ReplicaCache:
-    """Per-device copies of module parameters and buffers, refreshed when the source changes."""
+    """Per-device copies of module parameters and buffers, made on first use, refreshed when the source changes."""
+
+    _genesis_opaque = True  # never searched for models (it holds other calls' state)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._store: "weakref.WeakKeyDictionary[nn.Module, Dict[torch.device, Any]]" = weakref.WeakKeyDictionary()
         self.copies = 0  # tensors copied so far (telemetry, tests)
 
-    def mapping(self, modules: Iterable[nn.Module], device: torch.device) -> Dict[int, torch.Tensor]:
-        """``id(source tensor) → replica on device`` for every tensor of ``modules`` not already there."""
-        result: Dict[int, torch.Tensor] = {}
+    def view(self, modules: Iterable[nn.Module], device: torch.device) -> ReplicaView:
+        """The replicas ``modules`` may need on ``device`` (only tensors not already there)."""
+        sources: Dict[int, Any] = {}
         for module in modules:
             away = [t for t in _module_tensors(module) if t.device != device]
             if not away:
@@ -151,13 +188,12 @@ class ReplicaCache:
             with self._lock:
                 per_device = self._store.setdefault(module, {})
                 entry = per_device.get(device)
-                if entry is None or entry[0] != fingerprint:
-                    with torch.no_grad():
-                        entry = (fingerprint, {id(t): t.detach().to(device) for t in away})
+                if entry is None or entry[0] != fingerprint:  # new, or changed in place / re-pointed
+                    entry = (fingerprint, {})
                     per_device[device] = entry
-                    self.copies += len(away)
-            result.update(entry[1])
-        return result
+            for t in away:
+                sources[id(t)] = (entry[1], t)
+        return ReplicaView(self, device, sources)
 
     def clear(self, module: nn.Module = None) -> None:
         """Drop cached replicas (of one module, or all)."""
@@ -168,30 +204,26 @@ class ReplicaCache:
                 self._store.pop(module, None)
 
 
-def _swap(value: Any, table: Dict[int, torch.Tensor]) -> Any:
+def _swap(value: Any, view: ReplicaView) -> Any:
     if isinstance(value, torch.Tensor):
-        return table.get(id(value), value)
+        return view.lookup(value)
     if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
-        swapped = [table.get(id(v), v) if isinstance(v, torch.Tensor) else v for v in value]
-        return swapped if isinstance(value, list) else type(value)(swapped) if type(value) is tuple \
-            else tuple(swapped)
+        swapped = [view.lookup(v) if isinstance(v, torch.Tensor) else v for v in value]
+        return swapped if isinstance(value, list) else tuple(swapped)
     return value
 
 
 class ReplicaMode(TorchFunctionMode):
     """Thread-local: every torch function call sees the replica instead of the source tensor."""
 
-    def __init__(self, table: Dict[int, torch.Tensor]) -> None:
+    def __init__(self, view: ReplicaView) -> None:
         super().__init__()
-        self.table = table
+        self.view = view
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        table = self.table
-        args = tuple(_swap(a, table) for a in args)
-        if kwargs:
-            kwargs = {k: _swap(v, table) for k, v in kwargs.items()}
-        else:
-            kwargs = {}
+        view = self.view
+        args = tuple(_swap(a, view) for a in args)
+        kwargs = {k: _swap(v, view) for k, v in kwargs.items()} if kwargs else {}
         return func(*args, **kwargs)
 
 
