@@ -190,6 +190,8 @@ class GenesisAttentionOverride:
         self.fallback_calls = 0
         self._lock = threading.Lock()
         self._run: "OrderedDict[str, Dict[str, int]]" = OrderedDict()
+        #: The table of the last finished run (see :meth:`end_run`).
+        self.last_run: List[Tuple[str, Dict[str, int]]] = []
 
     def __deepcopy__(self, memo: dict) -> "GenesisAttentionOverride":
         return self
@@ -230,6 +232,7 @@ class GenesisAttentionOverride:
         table = self.run_table()
         with self._lock:
             self._run.clear()
+            self.last_run = table
         if table:
             lines = [f"{label}: attention={self.backend}, {len(table)} call signature(s):"]
             for sig, served in table:
