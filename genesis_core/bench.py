@@ -255,8 +255,8 @@ def bench_attention(shapes: List[Shape], names: List[str], include_auto: bool, d
             bar.update()
         # Interleaved rounds: every live cell once per round.
         live = dict(fns)
-        inner = {n: (1 if device.type == "cpu" else int(max(1, min(50, 0.5 / max(cells[n]["probe_ms"], 1e-4)))))
-                 for n in live}
+        # Short calls: several back-to-back runs per sample, so clock and launch granularity stay out.
+        inner = {n: int(max(1, min(50, 0.5 / max(cells[n]["probe_ms"], 1e-4)))) for n in live}
         limit = {n: max(1, min(reps, int(budget_ms / max(cells[n]["probe_ms"] * inner[n], 1e-3)))) for n in live}
         samples: Dict[str, List[float]] = {n: [] for n in live}
         with torch.no_grad():
@@ -300,6 +300,10 @@ def _summarise(shape: Shape, cells: Dict[str, dict]) -> dict:
                         if c["correct"] is False and n != "auto"}}
     if best and auto and auto["ms"]:
         out["auto_vs_fastest"] = auto["ms"] / good[best]["ms"]
+        chosen = cells.get(out["auto_backend"] or "")
+        if chosen is not None and chosen["ms"]:
+            # the choice's quality alone: the chosen kernel's own row (no dispatch) against the fastest
+            out["choice_vs_fastest"] = chosen["ms"] / good[best]["ms"]
     return out
 
 
@@ -310,7 +314,7 @@ def _per_call_us(fns: Dict[str, Callable[[], object]], device: torch.device, cal
                  rounds: int = 15) -> Dict[str, float]:
     """Median µs per call of each fn, timed in interleaved rounds of ``calls`` calls (host clock)."""
     for fn in fns.values():
-        for _ in range(200):
+        for _ in range(min(200, calls)):
             fn()
     samples: Dict[str, List[float]] = {n: [] for n in fns}
     for _ in range(rounds):
@@ -324,7 +328,7 @@ def _per_call_us(fns: Dict[str, Callable[[], object]], device: torch.device, cal
     return {n: statistics.median(v) for n, v in samples.items()}
 
 
-def bench_overhead(devices: List[torch.device]) -> List[dict]:
+def bench_overhead(devices: List[torch.device], calls: int = 2000, rounds: int = 15) -> List[dict]:
     rows = []
     for device in devices:
         dtype = torch.float32 if device.type == "cpu" else torch.float16
@@ -340,7 +344,7 @@ def bench_overhead(devices: List[torch.device]) -> List[dict]:
                 "genesis_core.attention(q, k, v)  [auto]": lambda: dispatch.attention(q, k, v),
                 f"genesis_core.attention(..., backend='{chosen}')": lambda: dispatch.attention(q, k, v, backend=chosen),
             }
-            us = _per_call_us(fns, device, calls=2000 if device.type == "cpu" else 500)
+            us = _per_call_us(fns, device, calls=calls if device.type == "cpu" else max(1, calls // 4), rounds=rounds)
         names = list(fns)
         direct = us[names[0]] if chosen == "sdpa" else us[names[1]]
         for n in names:
@@ -446,7 +450,9 @@ def print_attention(rows: List[dict], summary: List[dict]) -> None:
         ratio = s.get("auto_vs_fastest")
         print(f"  {s['shape']:<18} fastest {s['fastest_correct'] or '-':<15} {_fmt(s['fastest_ms'], '.3f')} ms; "
               f"auto -> {s['auto_backend'] or '-'} {_fmt(s['auto_ms'], '.3f')} ms"
-              + (f" ({(ratio - 1) * 100:+.1f}%)" if ratio else "")
+              + (f" ({(ratio - 1) * 100:+.1f}%" if ratio else "")
+              + (f"; chosen kernel alone {(s['choice_vs_fastest'] - 1) * 100:+.1f}%)" if s.get("choice_vs_fastest")
+                 else (")" if ratio else ""))
               + ("" if s["auto_correct"] in (None, True) else "  AUTO OUTPUT INACCURATE"))
 
 

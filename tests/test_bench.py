@@ -84,7 +84,7 @@ def test_inaccurate_backend_is_flagged():
 
 
 def test_overhead_and_e2e_rows():
-    rows = bench.bench_overhead([torch.device("cpu")])
+    rows = bench.bench_overhead([torch.device("cpu")], calls=50, rounds=3)
     assert len(rows) == 4 and all(r["us_per_call"] > 0 for r in rows)
     assert rows[0]["overhead_us"] == 0.0 or rows[1]["overhead_us"] == 0.0
     e2e = bench.bench_e2e(torch.device("cpu"), torch.float32, "small", 1, 2, 0)

@@ -447,8 +447,8 @@ def measure(call: AttentionCall, names: Sequence[str], budget_ms: Optional[float
                     ms[n] = probes[n]
                     notes[n] = f"timed once: over {SLOW_FACTOR:g}x the fastest probe"
             slowest = max(probes[n] for n in timed)
-            # GPU: several back-to-back runs per sample when a run is short, so launch gaps stay out.
-            inner = 1 if device.type == "cpu" else int(max(1, min(50, 0.5 / max(best, 1e-4))))
+            # Several back-to-back runs per sample when a run is short, so launch gaps and clock granularity stay out.
+            inner = int(max(1, min(50, 0.5 / max(best, 1e-4))))
             rounds = int(max(MIN_REPS, min(MAX_REPS, CANDIDATE_TARGET_MS / max(slowest * inner, 1e-3))))
             if device.type == "cpu":
                 rounds = MIN_REPS
