@@ -162,9 +162,11 @@ def test_split_with_more_workers_than_rows(ex):
 
 def test_plan_shares_equal_finish_times():
     assert plan_shares(40, [(0.0, 1.0), (0.0, 3.0)]) == [30, 10]
-    # a fixed cost shifts rows to the other worker: 0.01 + 0.001 n0 = 0.002 n1, n0 + n1 = 100
-    n0, n1 = plan_shares(100, [(0.01, 0.001), (0.0, 0.002)])
-    assert (n0, n1) == (63, 37)
+    # a fixed cost shifts rows to the other worker: 0.01 + 0.001 n0 = 0.002 n1, n0 + n1 = 99 -> 62.7 / 36.3;
+    # the leftover row goes to worker 0 (done at 0.073 s) rather than worker 1 (0.074 s)
+    assert plan_shares(99, [(0.01, 0.001), (0.0, 0.002)]) == [63, 36]
+    # a slow worker with a large fractional share does not get a row it would finish last
+    assert plan_shares(32, [(0.0, 0.001), (0.02, 0.02)]) == [32, 0]  # largest remainder would give [31, 1]
     assert plan_shares(10, [(5.0, 0.001), (0.0, 0.01)]) == [0, 10]  # a huge fixed cost gets nothing
     with pytest.raises(ValueError):
         plan_shares(5, [])

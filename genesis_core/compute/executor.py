@@ -105,7 +105,8 @@ def plan_shares(total: int, models: Sequence[Tuple[float, float]]) -> List[int]:
     """Rows per worker so that all finish together, given per-worker cost models ``time = a + b * rows``.
 
     Solves ``a_i + b_i * n_i = T`` with ``sum(n_i) = total``; workers whose fixed cost ``a_i`` exceeds the
-    common finish time get 0 rows. Integer rounding keeps the sum exact (largest remainders).
+    common finish time get 0 rows. Rounding keeps the sum exact: each leftover row goes to the worker that
+    would finish it soonest (so a slow worker is not handed a row just for a large fractional share).
     """
     if total < 0:
         raise ValueError(f"total must be >= 0; got {total}")
@@ -127,12 +128,11 @@ def plan_shares(total: int, models: Sequence[Tuple[float, float]]) -> List[int]:
         best = min(range(len(models)), key=lambda i: models[i][0] + models[i][1] * total)
         share = [0.0] * len(models)
         share[best] = float(total)
-    floors = [int(s) for s in share]
-    rest = total - sum(floors)
-    order = sorted(range(len(models)), key=lambda i: share[i] - floors[i], reverse=True)
-    for i in order[:rest]:
-        floors[i] += 1
-    return floors
+    counts = [int(s) for s in share]
+    for _ in range(total - sum(counts)):  # fewer than len(models) rows: each goes where it ends soonest
+        best = min(range(len(models)), key=lambda i: models[i][0] + models[i][1] * (counts[i] + 1))
+        counts[best] += 1
+    return counts
 
 
 class HeterogeneousExecutor:

@@ -8,6 +8,7 @@ CUDA provider with CUDA tensors bound by pointer, and with a model that lives on
 ONNX Runtime and/or wgpu when an adapter initialises. Then the executor benchmark rows.
 
 Usage (repo root):  python scripts/gpu/executor_gpu.py [--quick]
+(``--cpu-dry-run`` runs the same logic on a CPU box with a CPU worker named "cuda", to test the script.)
 WebGPU through onnxruntime-webgpu, which cannot share a site-packages with onnxruntime(-gpu): unpack the
 wheel into a folder (``pip install --no-deps --target DIR onnxruntime_webgpu-*.whl``) and set
 ``GENESIS_ORT_WEBGPU_DIR=DIR``; the WebGPU section then also runs in a child interpreter with DIR first on
@@ -100,14 +101,19 @@ def main(argv):
     print(f"torch {torch.__version__}, cuda {torch.version.cuda}, python {sys.version.split()[0]}")
     for status in detect_backends().values():
         print("  ", status.describe())
-    if not torch.cuda.is_available():
+    dry = "--cpu-dry-run" in argv  # exercise this script's logic on a CPU box: a CPU worker named "cuda"
+    if not torch.cuda.is_available() and not dry:
         print("FAIL  CUDA is not available on this machine; nothing to check")
         return 2
     torch.manual_seed(0)
     ex = HeterogeneousExecutor()
-    ex.register_backend(ComputeBackend.CUDA, torch.device("cuda:0"))
+    if dry:
+        ex.register_backend(ComputeBackend.CPU, name="cuda")
+        dev = torch.device("cpu")
+    else:
+        ex.register_backend(ComputeBackend.CUDA, torch.device("cuda:0"))
+        dev = torch.device("cuda:0")
     ex.register_backend(ComputeBackend.CPU, torch.device("cpu"))
-    dev = torch.device("cuda:0")
 
     def cuda_execute():
         x = torch.randn(100, 100)
@@ -119,8 +125,8 @@ def main(argv):
         out = ex.execute_on_backend(ComputeBackend.CUDA, fn, x)
         out_gpu = ex.execute_on_backend(ComputeBackend.CUDA, fn, x.to(dev))
         e = err(out, x.double() * 2 + 1)
-        ok = (seen == {"device": "cuda:0", "worker": "cuda"} and out.device.type == "cpu"
-              and out_gpu.device.type == "cuda" and e < 1e-6)
+        ok = (seen == {"device": str(dev), "worker": "cuda"} and out.device.type == "cpu"
+              and out_gpu.device.type == dev.type and e < 1e-6)
         return ok, {"ran_on": seen, "returned_to": str(out.device), "max_abs_err": e}
     check("cuda: execute_on_backend, host data in and out", cuda_execute)
 
@@ -189,7 +195,7 @@ def main(argv):
     found = detect_backends()
     providers = found[ComputeBackend.ONNX].devices if found[ComputeBackend.ONNX].available else []
     print("onnxruntime providers:", providers, found[ComputeBackend.ONNX].details)
-    if "CUDAExecutionProvider" in providers:
+    if "CUDAExecutionProvider" in providers and not dry:
         def onnx_cuda():
             ex.register_backend(ComputeBackend.ONNX, name="onnx-cuda",
                                 providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -223,7 +229,7 @@ def main(argv):
         ex.register_backend(ComputeBackend.ONNX)
         out = ex.execute_on_backend("onnx", model, x.to(dev), ctx.to(dev))
         e = err(out, r)
-        return e < 1e-4 and out.device.type == "cuda", {"max_abs_err": e, "returned_to": str(out.device)}
+        return e < 1e-4 and out.device.type == dev.type, {"max_abs_err": e, "returned_to": str(out.device)}
     if found[ComputeBackend.ONNX].available:
         check("onnx: CPU provider, CUDA inputs come back to CUDA", onnx_cpu_with_cuda_inputs)
 
@@ -238,7 +244,7 @@ def main(argv):
     print("--- executor benchmark rows")
     from genesis_core.compute.bench import run_executor_bench
     try:
-        bench_rows = run_executor_bench(quick=quick)
+        bench_rows = run_executor_bench(quick=quick or dry)
     except Exception as exc:
         bench_rows = [{"error": f"{type(exc).__name__}: {exc}"}]
         print("bench failed:", exc)
