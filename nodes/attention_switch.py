@@ -99,6 +99,11 @@ class GenesisAttentionSwitch(ComfyUINodeInterface):
         override = GenesisAttentionOverride(name)
         if comfy_has_override_hook():
             to = patched.model_options.setdefault("transformer_options", {})
+            previous = to.get(OVERRIDE_KEY)
+            if previous is not None and not isinstance(previous, GenesisAttentionOverride):
+                log_once(("switch-replaces-foreign-override", type(previous).__name__),
+                         f"GenesisAttentionSwitch replaces another node's attention override "
+                         f"({getattr(previous, '__qualname__', type(previous).__name__)}) on this model")
             to[OVERRIDE_KEY] = override
         else:
             n = apply_replace_patches(patched, override)

@@ -189,6 +189,13 @@ def sampling_check():
                      "calls": getattr(override, "calls", 0), "fallback_calls": getattr(override, "fallback_calls", -1),
                      "is_clone": patched is not model and patched.model is model.model})
     after = _sample(model)
+    # Switching twice: the second choice wins, one Genesis wrapper, one override.
+    import comfy.patcher_extension as pe
+
+    twice = switch_cls().execute(switch_cls().execute(model, "pytorch")[0], "sdpa")[0]
+    chained = {"backend": twice.model_options["transformer_options"]["optimized_attention_override"].backend,
+               "wrappers": len(twice.wrappers.get(pe.WrappersMP.OUTER_SAMPLE, {}).get(switch_mod.WRAPPER_KEY, [])),
+               "original_wrappers": len(model.wrappers.get(pe.WrappersMP.OUTER_SAMPLE, {}).get(switch_mod.WRAPPER_KEY, []))}
     # Fallback for ComfyUI builds without the hook: replace patches.
     switch_mod.comfy_has_override_hook = lambda: False
     patched = switch_cls().execute(model, "sdpa")[0]
@@ -201,7 +208,7 @@ def sampling_check():
                 "has_override_key": "optimized_attention_override" in patched.model_options["transformer_options"],
                 "calls": (attn1[0].genesis_override.calls - calls_before) if attn1 else 0,
                 "rel_err": float((out - baseline).norm() / baseline.norm())}
-    return {"loaded": ok, "rows": rows, "original_untouched": repr(model.model_options) == options_before,
+    return {"loaded": ok, "rows": rows, "chained": chained, "original_untouched": repr(model.model_options) == options_before,
             "original_after_equal": bool(torch.equal(after, baseline)), "fallback": fallback,
             "baseline_norm": float(baseline.norm())}
 

@@ -64,6 +64,17 @@ OPEN_MENU_JS = """
 """
 
 
+FASTEST_JS = """
+(async () => {
+  const m = await import("/extensions/Genesis/genesis.js");
+  const data = { choices: { sdpa: { available: true, reason: null }, sage: { available: false, reason: "no CUDA" } },
+                 fastest: "sdpa", compute: [{ name: "cpu", available: true, devices: ["cpu"] }] };
+  return [m.choiceStatus("attention", "sdpa", data), m.choiceStatus("attention", "sage", data),
+          m.choiceStatus("compute", "cpu", data)];
+})()
+"""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with ComfyServer(tmp_path_factory.mktemp("comfy_browser_base")) as srv:
@@ -94,10 +105,11 @@ def test_widget_shows_availability_marks(server, tmp_path):
         entries = await page.evaluate(OPEN_MENU_JS)
         await page.evaluate("new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")
         shot = await page.send("Page.captureScreenshot", format="png")
-        return labels, entries, base64.b64decode(shot["data"]), page.console
+        fastest = await page.evaluate(FASTEST_JS)
+        return labels, entries, base64.b64decode(shot["data"]), page.console, fastest
 
     with Chromium(tmp_path / "profile") as browser:
-        labels, entries, png, console = browser.run(scenario)
+        labels, entries, png, console, fastest = browser.run(scenario)
 
     path = tmp_path / "comfyui_backend_marks.png"
     path.write_bytes(png)
@@ -110,6 +122,11 @@ def test_widget_shows_availability_marks(server, tmp_path):
     assert labels["GenesisAttentionSwitch.attention"] == f"attention {mark}", labels
     assert labels["GenesisBackendSelect.backend"].startswith("backend "), labels
     assert labels["GenesisMultiModalGen.attention_type"].startswith("attention_type "), labels
+
+    # The fastest measured choice is known to the widget when the autotuner has data.
+    assert fastest[0] == {"ok": True, "reason": "", "fastest": True}
+    assert fastest[1]["ok"] is False and fastest[1]["reason"] == "no CUDA"
+    assert fastest[2]["ok"] is True and "cpu" in fastest[2]["reason"]
 
     # Every dropdown option carries a mark, and unavailable ones say why on hover.
     by_value = {e["value"]: e for e in entries}

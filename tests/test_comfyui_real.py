@@ -45,3 +45,7 @@ def test_replace_patch_fallback_matches(sampling):
 def test_each_run_logs_backend_per_signature(sampling):
     assert "call signature(s)" in sampling["_stderr"]
     assert "sampling finished: attention=sdpa" in sampling["_stderr"]
+
+
+def test_switching_twice_keeps_one_override_and_one_wrapper(sampling):
+    assert sampling["chained"] == {"backend": "sdpa", "wrappers": 1, "original_wrappers": 0}
