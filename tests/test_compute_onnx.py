@@ -164,3 +164,23 @@ def test_lru_keeps_at_most_max_sessions():
         ex.execute_on_backend("onnx", torch.sin, torch.randn(n))
     s = ex.stats()["onnx"]
     assert s["sessions"] == 2 and s["exports"] == 4  # size 2 was evicted before it came back
+
+
+def test_cpu_provider_binds_torch_memory_directly(ex):
+    ex.execute_on_backend("onnx", torch.cos, torch.randn(3, 3))
+    compiled = list(ex._workers["onnx"].runner._sessions.values())
+    assert len(compiled) == 1 and compiled[0].bindable  # IOBinding by pointer, no numpy round trip
+    assert ex.stats()["onnx"]["active_providers"][0] == "CPUExecutionProvider"
+
+
+def test_exporter_choice():
+    import importlib.util
+    x = torch.randn(4)
+    auto = HeterogeneousExecutor()
+    auto.register_backend("onnx", exporter="auto")
+    torch.testing.assert_close(auto.execute_on_backend("onnx", torch.exp, x), torch.exp(x))
+    if importlib.util.find_spec("onnxscript") is None:
+        dyn = HeterogeneousExecutor()
+        dyn.register_backend("onnx", exporter="dynamo")
+        with pytest.raises(OnnxExportError, match="dynamo exporter: ImportError: .*onnxscript"):
+            dyn.execute_on_backend("onnx", torch.exp, x)

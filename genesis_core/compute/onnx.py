@@ -30,6 +30,7 @@ in other captured objects is not covered: clear the folder when such state chang
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -463,9 +464,10 @@ class OnnxRunner:
                      names: List[str]) -> bytes:
         if exporter == "torchscript":
             buf = io.BytesIO()
-            torch.onnx.export(wrapper, example, buf, dynamo=False, input_names=names,
-                              opset_version=self.opset_version, do_constant_folding=True,
-                              training=torch.onnx.TrainingMode.PRESERVE)
+            # torch < 2.5 has no `dynamo` argument and always traces; newer ones default to dynamo
+            extra = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+            torch.onnx.export(wrapper, example, buf, input_names=names, opset_version=self.opset_version,
+                              do_constant_folding=True, training=torch.onnx.TrainingMode.PRESERVE, **extra)
             return buf.getvalue()
         import importlib.util
 
