@@ -184,3 +184,39 @@ def test_exporter_choice():
         dyn.register_backend("onnx", exporter="dynamo")
         with pytest.raises(OnnxExportError, match="dynamo exporter: ImportError: .*onnxscript"):
             dyn.execute_on_backend("onnx", torch.exp, x)
+
+
+def test_spec_integration_example_runs_on_cpu_and_onnx():
+    spec = pytest.importorskip("genesis_core")
+    if not all(hasattr(spec, n) for n in ("CrossAttentionModule", "AdaptiveAttentionSwitch", "AttentionType")):
+        pytest.skip("the spec's attention modules are not exported yet")
+
+    class MultiModalGenNode:  # the spec's integration example, minus the ComfyUI registration
+        def __init__(self):
+            self.executor = HeterogeneousExecutor()
+            try:
+                self.executor.register_backend(ComputeBackend.CUDA, torch.device("cuda"))
+            except RuntimeError:
+                pass  # CPU-only machine: the demo falls back
+            self.executor.register_backend(ComputeBackend.CPU)
+            self.executor.register_backend(ComputeBackend.ONNX)
+            self.cross_attn = spec.CrossAttentionModule(512, 768, 8)
+            self.self_attn = spec.AdaptiveAttentionSwitch(512, 8)
+            self.self_attn.set_attention_type(spec.AttentionType.SDPA)
+
+        def execute(self, image_features, text_embeddings, backend):
+            def process(img_feat, txt_emb):
+                cross_out = self.cross_attn.forward(img_feat, txt_emb, txt_emb)
+                return self.self_attn.forward(cross_out)
+            return (self.executor.execute_on_backend(backend, process, image_features, text_embeddings),)
+
+    node = MultiModalGenNode()
+    x, t = torch.randn(2, 256, 512), torch.randn(2, 77, 768)
+    with torch.no_grad():
+        direct = node.self_attn.forward(node.cross_attn.forward(x, t, t))
+        on_cpu = node.execute(x, t, "cpu")[0]
+        on_onnx = [node.execute(x, t, "onnx")[0] for _ in range(2)]
+    torch.testing.assert_close(on_cpu, direct)
+    for out in on_onnx:
+        assert (out - direct).abs().max().item() < 1e-5
+    assert node.executor.stats()["onnx"]["exports"] == 1

@@ -445,10 +445,16 @@ class OnnxRunner:
                 for w in caught:
                     if issubclass(w.category, torch.jit.TracerWarning):
                         # shapes are part of the cache key, so tensor->int conversions of sizes are
-                        # harmless; a tensor->bool conversion means a data-dependent branch was frozen
-                        level = 30 if "boolean" in str(w.message) else 10
-                        log_once(("onnx-tracer", str(w.message)), f"ONNX export of {name_of(fn)}: {w.message}",
-                                 level=level)
+                        # harmless (debug); a tensor->bool conversion is either a shape check (harmless)
+                        # or a data-dependent branch that the graph freezes: say so once (info)
+                        if "boolean" in str(w.message):
+                            log_once(("onnx-tracer-bool", name_of(fn)),
+                                     f"ONNX export of {name_of(fn)}: a tensor was used as a Python bool; the graph "
+                                     f"keeps the branch taken for these inputs (fine for shape checks, wrong for "
+                                     f"data-dependent branches) - {w.filename}:{w.lineno}", level=20)
+                        else:
+                            log_once(("onnx-tracer", str(w.message)), f"ONNX export of {name_of(fn)}: {w.message}",
+                                     level=10)
                 if not wrapper.out_meta:
                     raise OnnxExportError("the function returned no tensors; ONNX needs at least one output")
                 return model_bytes, wrapper
