@@ -132,7 +132,7 @@ class GenesisRandomTensor(ComfyUINodeInterface):
 
 
 def tensor_summary(x: torch.Tensor) -> str:
-    """One line: shape, dtype, device, min/max/mean and NaN count."""
+    """Two lines: shape, dtype, device; then min/max/mean and NaN count."""
     shape = "x".join(str(s) for s in x.shape) or "scalar"
     dtype = str(x.dtype).replace("torch.", "")
     nans = int(torch.isnan(x).sum()) if x.is_floating_point() else 0
@@ -142,7 +142,7 @@ def tensor_summary(x: torch.Tensor) -> str:
         stats = f"min {f.min().item():.4g}  max {f.max().item():.4g}  mean {f.mean().item():.4g}"
     else:
         stats = "no finite values"
-    return f"shape [{shape}]  {dtype}  {x.device}  {stats}  NaN {nans}"
+    return f"shape [{shape}]  {dtype}  {x.device}\n{stats}  NaN {nans}"
 
 
 @register_comfyui_node("GenesisTensorInfo", display_name="Genesis Tensor Info")

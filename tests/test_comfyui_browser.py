@@ -146,9 +146,34 @@ FROM_API_JS = """
   const app = window.app;
   app.loadApiJson(%s, %s);
   await new Promise((r) => setTimeout(r, 300));
-  for (const n of app.graph._nodes) {
+  const nodes = app.graph._nodes;
+  for (const n of nodes) {
     for (const w of n.widgets || []) if (w.name === "control_after_generate") w.value = "fixed";
-    if (n.type === "GenesisTensorInfo") n.size = [Math.max(n.size[0], 520), n.size[1]];
+    if (n.type === "GenesisTensorInfo") n.size = [420, 140];
+    if (n.type === "PreviewImage") n.size = [320, 380];
+  }
+  // Columns by depth along the links, nodes stacked in each column.
+  const depth = new Map();
+  const d = (n) => {
+    if (depth.has(n.id)) return depth.get(n.id);
+    let best = 0;
+    for (const inp of n.inputs || []) {
+      if (inp.link == null) continue;
+      const link = app.graph.links[inp.link] ?? app.graph.links.get?.(inp.link);
+      const src = link && app.graph.getNodeById(link.origin_id);
+      if (src) best = Math.max(best, d(src) + 1);
+    }
+    depth.set(n.id, best);
+    return best;
+  };
+  const columns = [];
+  for (const n of [...nodes].sort((a, b) => a.id - b.id)) (columns[d(n)] ||= []).push(n);
+  let x = 60;
+  for (const col of columns) {
+    if (!col) continue;
+    let y = 80, w = 0;
+    for (const n of col) { n.pos = [x, y]; y += n.size[1] + 90; w = Math.max(w, n.size[0]); }
+    x += w + 70;
   }
   return app.graph.serialize();
 })()
@@ -196,3 +221,52 @@ def test_ui_workflows_are_the_twins_of_the_api_workflows(server, tmp_path):
         results = browser.run(scenario)
     for name, (api, converted) in results.items():
         assert _strip(converted) == _strip(api), name
+
+
+RUN_JS = """
+(async () => {
+  const app = window.app;
+  await app.loadGraphData(%s, true, true, "genesis_cross_attention");
+  await new Promise((r) => setTimeout(r, 300));
+  app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 0.9;
+  await app.queuePrompt(0, 1);
+  return true;
+})()
+"""
+
+RESULT_JS = """
+(() => {
+  const app = window.app;
+  const info = app.graph._nodes.find((n) => n.type === "GenesisTensorInfo");
+  const w = info?.widgets?.find((x) => x.name === "genesis_info");
+  const preview = app.graph._nodes.find((n) => n.type === "PreviewImage");
+  const hasImage = !!(preview && (preview.imgs?.length || app.nodeOutputs?.[String(preview.id)]?.images?.length));
+  return w && w.value && hasImage ? { text: w.value, image: hasImage } : null;
+})()
+"""
+
+
+def test_example_workflow_runs_in_the_frontend(server, tmp_path):
+    """Load the UI workflow, press Queue in the real frontend, and see the results on the nodes."""
+    ui = json.loads((WORKFLOWS / "genesis_cross_attention.json").read_text())
+
+    async def scenario(page):
+        await page.send("Runtime.enable")
+        await page.send("Page.enable")
+        await page.send("Emulation.setDeviceMetricsOverride", width=1500, height=900, deviceScaleFactor=1, mobile=False)
+        await page.send("Page.navigate", url=server.url + "/")
+        await page.wait_for("!!(window.app && window.app.graph && window.LiteGraph && window.app.canvas)", timeout=120)
+        await page.wait_for("!!window.LiteGraph.registered_node_types['GenesisCrossAttention']", timeout=60)
+        await page.evaluate("document.querySelectorAll('.p-dialog-mask').forEach((d) => d.remove())")
+        await page.evaluate(RUN_JS % json.dumps(ui))
+        result = await page.wait_for(RESULT_JS, timeout=120)
+        await page.evaluate("new Promise((r) => setTimeout(r, 800))")
+        shot = await page.send("Page.captureScreenshot", format="png")
+        return result, base64.b64decode(shot["data"])
+
+    with Chromium(tmp_path / "profile") as browser:
+        result, png = browser.run(scenario)
+    if os.environ.get("GENESIS_SCREENSHOT_RUN"):
+        Path(os.environ["GENESIS_SCREENSHOT_RUN"]).write_bytes(png)
+    assert "shape [1x64x64]" in result["text"] and "NaN 0" in result["text"]
+    assert result["image"]

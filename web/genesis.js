@@ -8,6 +8,7 @@
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const EXTENSION = "genesis.backend_marks";
 const ROUTE = "/genesis/backends";
@@ -173,8 +174,12 @@ app.registerExtension({
       const text = (message?.text || []).join("\n");
       let widget = this.widgets?.find((w) => w.name === "genesis_info");
       if (!widget) {
-        widget = this.addWidget("text", "genesis_info", "", () => {}, { serialize: false });
+        widget = ComfyWidgets.STRING(this, "genesis_info", ["STRING", { multiline: true }], app).widget;
         widget.serialize = false;
+        if (widget.inputEl) {
+          widget.inputEl.readOnly = true;
+          widget.inputEl.style.opacity = "0.85";
+        }
       }
       widget.value = text;
       this.setDirtyCanvas?.(true, true);
