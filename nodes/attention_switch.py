@@ -94,7 +94,12 @@ class GenesisAttentionSwitch(ComfyUINodeInterface):
         }
 
     def execute(self, model, attention: str = "auto"):
-        name = backend_name(attention)  # ValueError naming the valid choices
+        if not hasattr(model, "clone") or not hasattr(model, "model_options"):
+            raise ValueError(f"GenesisAttentionSwitch: input 'model' must be a ComfyUI MODEL; got a {type(model).__name__}")
+        try:
+            name = backend_name(attention)
+        except ValueError as exc:
+            raise ValueError(f"GenesisAttentionSwitch: input 'attention': {exc}") from None
         patched = model.clone()
         override = GenesisAttentionOverride(name)
         if comfy_has_override_hook():

@@ -82,6 +82,8 @@ class GenesisBackendSelect(ComfyUINodeInterface):
         choice = resolve_backend(backend, int(device_index))
         out_model = None
         if model is not None:
+            if not hasattr(model, "clone"):
+                raise ValueError(f"{NODE}: input 'model' must be a ComfyUI MODEL; got a {type(model).__name__}")
             if choice.device is None:
                 raise ValueError(f"{NODE}: input 'model' can only be placed on a torch device (cuda, rocm, mps, npu, cpu); "
                                  f"backend {choice.backend!r} has none")

@@ -189,6 +189,13 @@ def sampling_check():
                      "calls": getattr(override, "calls", 0), "fallback_calls": getattr(override, "fallback_calls", -1),
                      "is_clone": patched is not model and patched.model is model.model})
     after = _sample(model)
+    # GenesisBackendSelect with a MODEL: a clone that loads on the chosen device, sampled by ComfyUI itself.
+    select_cls = nodes.NODE_CLASS_MAPPINGS["GenesisBackendSelect"]
+    choice, placed = select_cls().execute("cpu", 0, model)
+    placed_out = _sample(placed)
+    placement = {"load_device": str(placed.load_device), "is_clone": placed is not model and placed.model is model.model,
+                 "equal": bool(torch.allclose(placed_out, baseline, rtol=1e-5, atol=1e-5)),
+                 "original_load_device": str(model.load_device)}
     # Switching twice: the second choice wins, one Genesis wrapper, one override.
     import comfy.patcher_extension as pe
 
@@ -208,7 +215,7 @@ def sampling_check():
                 "has_override_key": "optimized_attention_override" in patched.model_options["transformer_options"],
                 "calls": (attn1[0].genesis_override.calls - calls_before) if attn1 else 0,
                 "rel_err": float((out - baseline).norm() / baseline.norm())}
-    return {"loaded": ok, "rows": rows, "chained": chained, "original_untouched": repr(model.model_options) == options_before,
+    return {"loaded": ok, "rows": rows, "chained": chained, "placement": placement, "original_untouched": repr(model.model_options) == options_before,
             "original_after_equal": bool(torch.equal(after, baseline)), "fallback": fallback,
             "baseline_norm": float(baseline.norm())}
 

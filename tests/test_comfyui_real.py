@@ -49,3 +49,7 @@ def test_each_run_logs_backend_per_signature(sampling):
 
 def test_switching_twice_keeps_one_override_and_one_wrapper(sampling):
     assert sampling["chained"] == {"backend": "sdpa", "wrappers": 1, "original_wrappers": 0}
+
+
+def test_backend_select_model_clone_samples_through_comfy(sampling):
+    assert sampling["placement"] == {"load_device": "cpu", "is_clone": True, "equal": True, "original_load_device": "cpu"}

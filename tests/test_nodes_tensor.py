@@ -160,7 +160,7 @@ def test_cross_attention_through_onnx_runtime_matches_torch():
     (b,) = run("GenesisCrossAttention", query=q, context=c, num_heads=4, attention="sdpa", seed=3)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="input 'model' can only be placed on a torch device"):
-        run("GenesisBackendSelect", backend="onnx", device_index=0, model=object())
+        run("GenesisBackendSelect", backend="onnx", device_index=0, model=type("M", (), {"clone": None})())
 
 
 def test_backend_select_model_clone_gets_the_load_device():
@@ -179,3 +179,11 @@ def test_backend_select_model_clone_gets_the_load_device():
     assert model.load_device == torch.device("cpu") and original.load_device == torch.device("meta")
     with pytest.raises(ValueError, match="input 'device_index' must be in 0..0"):
         run("GenesisBackendSelect", backend="cpu", device_index=3)
+
+
+def test_attention_switch_rejects_what_is_not_a_model_and_unknown_choices():
+    with pytest.raises(ValueError, match="GenesisAttentionSwitch: input 'model' must be a ComfyUI MODEL"):
+        run("GenesisAttentionSwitch", model=torch.randn(2), attention="sdpa")
+    fake = type("M", (), {"clone": lambda self: self, "model_options": {}})()
+    with pytest.raises(ValueError, match="GenesisAttentionSwitch: input 'attention': unknown attention backend 'warp'"):
+        run("GenesisAttentionSwitch", model=fake, attention="warp")
