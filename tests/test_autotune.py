@@ -308,3 +308,15 @@ def test_tune_ahead_and_timings_format(tuner):
     (sig, row) = next(iter(autotune.timings().items()))
     assert sig.startswith("cpu float32 BH2 Nq") and "mask=none BHND" in sig
     assert isinstance(row["rejected"], dict) and all(isinstance(row[n], float) for n in entry["ms"])
+
+
+def test_explain_never_measures_but_shows_a_measured_choice(tuner, monkeypatch):
+    calls = count_measures(monkeypatch)
+    q, k, v = qkv(d=48)
+    chain = genesis_core.explain(q, k, v)
+    assert calls == [] and chain[0]["name"] == dispatch.DEFAULT_AUTO_ORDER[0]
+    genesis_core.attention(q, k, v)
+    assert len(calls) == 1
+    chosen = autotune.timings()[calls[0]]["chosen"]
+    assert genesis_core.explain(q, k, v)[0]["name"] == chosen
+    assert len(calls) == 1

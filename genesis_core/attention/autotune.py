@@ -578,11 +578,19 @@ def choose(call: AttentionCall, servable: List[str]) -> Optional[str]:
         entry = lookup(sig)
         known = entry is not None and all(n in entry.get("ms", {}) or n in entry.get("rejected", {}) for n in servable)
         if not known:
-            logger.info(f"autotune: measuring {len(servable)} attention backends for {sig}")
+            logger.debug(f"autotune: measuring {len(servable)} attention backends for {sig}")
             entry = measure(call, servable)
             _log_entry(sig, entry)
             _remember(sig, entry)
     return pick(entry, servable)
+
+
+def peek(call: AttentionCall, servable: List[str]) -> Optional[str]:
+    """The choice already measured for ``call``'s signature (memory or disk), never measuring; else None."""
+    if len(servable) < 2 or not enabled_for(call.device):
+        return None
+    entry = lookup(signature(call))
+    return pick(entry, servable) if entry is not None else None
 
 
 def tune(q, k, v, mask=None, *, layout: str = "BHND", scale=None, force: bool = False) -> dict:
@@ -611,7 +619,7 @@ def install() -> None:
     """Make AUTO use the autotuner (done when dispatch is imported)."""
     from . import dispatch
 
-    dispatch.set_auto_chooser(choose)
+    dispatch.set_auto_chooser(choose, peek)
 
 
 def uninstall() -> None:
@@ -633,6 +641,7 @@ __all__ = [
     "lookup",
     "measure",
     "mode",
+    "peek",
     "pick",
     "reference_slice",
     "reload",

@@ -54,6 +54,8 @@ _tls = _ThreadState()
 _default_backend = "auto"
 # The AUTO seam: chooser(call, candidate_names) -> name or None. The autotuner installs itself here.
 _auto_chooser: Optional[Callable[[AttentionCall, List[str]], Optional[str]]] = None
+# Its look-up-only twin (what ``explain`` asks: a known choice, never a measurement).
+_auto_peek: Optional[Callable[[AttentionCall, List[str]], Optional[str]]] = None
 
 
 class _Plan:
@@ -108,10 +110,15 @@ def use_backend(backend: BackendArg) -> Iterator[str]:
         _tls.override = prev
 
 
-def set_auto_chooser(chooser: Optional[Callable[[AttentionCall, List[str]], Optional[str]]]) -> None:
-    """Install the function AUTO asks for a choice (the autotuner); None restores the default order."""
-    global _auto_chooser
+def set_auto_chooser(chooser: Optional[Callable[[AttentionCall, List[str]], Optional[str]]],
+                     peek: Optional[Callable[[AttentionCall, List[str]], Optional[str]]] = None) -> None:
+    """Install the function AUTO asks for a choice (the autotuner); None restores the default order.
+
+    ``peek`` (optional) answers the same question without measuring; ``explain`` uses it.
+    """
+    global _auto_chooser, _auto_peek
     _auto_chooser = chooser
+    _auto_peek = peek
     clear_plans()
 
 
@@ -219,13 +226,17 @@ def _signature(call: AttentionCall, layout: str, requested: str) -> str:
     )
 
 
-def chain_for(name: str, call: AttentionCall) -> List[str]:
-    """The ordered backend names ``name`` resolves to for ``call`` (``auto`` asks the autotuner)."""
+def chain_for(name: str, call: AttentionCall, measure: bool = True) -> List[str]:
+    """The ordered backend names ``name`` resolves to for ``call`` (``auto`` asks the autotuner).
+
+    ``measure=False`` only looks up a choice already measured (no kernel runs).
+    """
     if name == "auto":
         head: Sequence[str] = DEFAULT_AUTO_ORDER
-        if _auto_chooser is not None:
+        chooser = _auto_chooser if measure else _auto_peek
+        if chooser is not None:
             servable = [b.name for b in registry.all_backends() if b.reason_for(call) is None]
-            choice = _auto_chooser(call, servable)
+            choice = chooser(call, servable)
             if choice is not None:
                 head = (choice,)
     else:
@@ -237,10 +248,10 @@ def chain_for(name: str, call: AttentionCall) -> List[str]:
     return out
 
 
-def _resolve(name: str, call: AttentionCall):
+def _resolve(name: str, call: AttentionCall, measure: bool = True):
     """(servable backends in order, [(name, reason)] for every chain member)."""
     servable, reasons = [], []
-    for n in chain_for(name, call):
+    for n in chain_for(name, call, measure):
         b = registry.get(n)
         reason = b.reason_for(call)
         reasons.append((n, reason))
@@ -364,7 +375,7 @@ def explain(
         name = _tls.override or _default_backend
     mask_view = _validate(q, k, v, mask, layout, scale)
     call = _make_call(q, k, v, mask, scale, layout, mask_view)
-    _, reasons = _resolve(name, call)
+    _, reasons = _resolve(name, call, measure=False)
     return [{"name": n, "reason": r} for n, r in reasons]
 
 
@@ -386,4 +397,4 @@ else:  # torch < 2.3
 from . import compile as _compile  # noqa: E402  (the custom op calls back into eager_attention)
 from . import autotune as _autotune  # noqa: E402
 
-set_auto_chooser(_autotune.choose)
+set_auto_chooser(_autotune.choose, _autotune.peek)
