@@ -320,3 +320,33 @@ def test_explain_never_measures_but_shows_a_measured_choice(tuner, monkeypatch):
     chosen = autotune.timings()[calls[0]]["chosen"]
     assert genesis_core.explain(q, k, v)[0]["name"] == chosen
     assert len(calls) == 1
+
+
+def test_out_of_memory_rejections_stay_out_of_the_file(tuner):
+    def oom(call):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    tuner.add("oom_backend", oom)
+    q, k, v = qkv(d=56)
+    genesis_core.attention(q, k, v)
+    (sig, row) = next(iter(autotune.timings().items()))
+    assert "out of memory" in row["rejected"]["oom_backend"]
+    assert not autotune.cache_path().exists() or sig not in json.loads(autotune.cache_path().read_text())["entries"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_autotune_chooses_an_accurate_backend_and_caches_it(tuner, monkeypatch):
+    calls = count_measures(monkeypatch)
+    autotune.set_mode(None)  # the default: measuring on CUDA
+    for nk in (77, 1024):  # SDXL-like cross and self attention
+        q, k, v = qkv(b=2, h=10, nq=1024, nk=nk, d=64, dtype=torch.bfloat16)
+        q, k, v = q.cuda(), k.cuda(), v.cuda()
+        out = genesis_core.attention(q, k, v)
+        ref = reference(q, k, v)
+        err = float((out.double() - ref).norm() / ref.norm())
+        assert err < 2e-2, (dispatch.last_backend(), err)
+        genesis_core.attention(q, k, v)
+    assert len(calls) == 2
+    for sig, row in autotune.timings().items():
+        assert sig.startswith("cuda:") and row["chosen"] is not None and row["chosen"] not in row["rejected"]

@@ -160,3 +160,17 @@ def test_op_rejects_bad_input_with_the_eager_sentence():
     v = torch.randn(1, 2, 9, 16)
     with pytest.raises(Exception, match="same number of tokens"):
         cf(q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_inductor_on_cuda_matches_eager():
+    m = Block(dim=256, heads=4, kv_heads=4).cuda().to(torch.bfloat16).eval()
+    cnt = CompileCounterWithBackend("inductor")
+    cm = torch.compile(m, backend=cnt, fullgraph=True)
+    with torch.no_grad():
+        for n in (256, 256, 384):
+            x = torch.randn(2, n, 256, device="cuda", dtype=torch.bfloat16)
+            y, ref = cm(x).float(), m(x).float()
+            assert float((y - ref).norm() / ref.norm()) < 2e-2
+    assert cnt.frame_count <= 2

@@ -213,9 +213,16 @@ def lookup(sig: str) -> Optional[dict]:
         return _entries.get(sig)
 
 
+_TRANSIENT = ("out of memory", "OutOfMemoryError")
+
+
 def _remember(sig: str, entry: dict) -> None:
+    """Keep ``entry`` in memory, and on disk unless a rejection was transient (out of memory: the
+    device may have been busy with something else; the next process measures again)."""
     with _lock:
         _entries[sig] = entry
+    if any(t in reason for reason in entry.get("rejected", {}).values() for t in _TRANSIENT):
+        return
     _store().update({sig: entry})
 
 
