@@ -350,3 +350,26 @@ def test_cuda_autotune_chooses_an_accurate_backend_and_caches_it(tuner, monkeypa
     assert len(calls) == 2
     for sig, row in autotune.timings().items():
         assert sig.startswith("cuda:") and row["chosen"] is not None and row["chosen"] not in row["rejected"]
+
+
+def test_tune_ahead_on_cpu_is_used_by_auto_in_the_default_mode(tuner, monkeypatch):
+    autotune.set_mode(None)
+    monkeypatch.delenv("GENESIS_AUTOTUNE", raising=False)
+    def rigged(call, names, budget_ms=None):  # a measurement where the (correct) chunked path wins
+        return {"chosen": "pytorch", "ms": {n: (0.1 if n == "pytorch" else 1.0) for n in names}, "rejected": {}}
+
+    monkeypatch.setattr(autotune, "measure", rigged)
+    q, k, v = qkv(d=72)
+    entry = autotune.tune(q, k, v)
+    assert entry["chosen"] == "pytorch" != dispatch.DEFAULT_AUTO_ORDER[0]
+    calls = count_measures(monkeypatch)
+    out = genesis_core.attention(q, k, v)
+    torch.testing.assert_close(out.double(), reference(q, k, v), atol=1e-5, rtol=1e-5)
+    assert calls == [] and dispatch.last_backend() == entry["chosen"]
+    # a new CPU signature is not measured in the default mode
+    genesis_core.attention(*qkv(d=88))
+    assert calls == []
+    monkeypatch.setenv("GENESIS_AUTOTUNE", "0")  # off: the stored choice is ignored too
+    dispatch.clear_plans()
+    genesis_core.attention(q, k, v)
+    assert dispatch.last_backend() == dispatch.DEFAULT_AUTO_ORDER[0]

@@ -22,9 +22,9 @@ Choices live in memory and in a JSON file in the user's cache dir (see :mod:`.au
 keyed by GPU names, torch and package versions. Thread-safe: one signature is measured at a time,
 and a second thread asking for it waits for the first one's answer.
 
-Switch: ``GENESIS_AUTOTUNE=0`` (or ``off``) never measures (the default order applies);
-unset / ``1`` measures on accelerators (CUDA, ROCm, MPS, XPU) but not on CPU; ``all`` measures on
-CPU too. CPU is off by default because there the candidates are few (PyTorch's SDPA sub-kernels and
+Switch: ``GENESIS_AUTOTUNE=0`` (or ``off``) never measures and ignores stored choices (the default
+order applies); unset / ``1`` measures on accelerators (CUDA, ROCm, MPS, XPU) but not on CPU, where
+choices stored ahead with :func:`tune` are still used; ``all`` measures on CPU too. CPU is off by default because there the candidates are few (PyTorch's SDPA sub-kernels and
 the chunked math path), SDPA's own choice is already the fastest on the CPUs we measured, and
 measuring costs several full calls per new signature — seconds on a 2-core CI runner.
 """
@@ -568,23 +568,30 @@ def _log_entry(sig: str, entry: dict) -> None:
     logger.info(msg)
 
 
+def _known(entry: Optional[dict], servable: Sequence[str]) -> bool:
+    return entry is not None and all(n in entry.get("ms", {}) or n in entry.get("rejected", {}) for n in servable)
+
+
 def choose(call: AttentionCall, servable: List[str]) -> Optional[str]:
     """Dispatch's AUTO chooser: the measured choice for ``call``'s signature, measuring it if new.
 
-    Returns None (dispatch then uses its default order) when measuring is off for the device, when
-    fewer than two backends can serve the call, inside torch.compile tracing or a CUDA graph capture,
-    or when every candidate failed.
+    A stored choice is used wherever the switch is not ``off`` (also one made ahead with :func:`tune`
+    on CPU); a new signature is measured only where measuring is on for the device, and never inside
+    torch.compile tracing or a CUDA graph capture. Returns None (dispatch then uses its default
+    order) when there is no choice, when fewer than two backends can serve the call, or when every
+    candidate failed.
     """
-    if len(servable) < 2 or not _should_measure(call):
+    if len(servable) < 2 or mode() == "off" or call.device.type == "meta":
+        return None
+    if type(call.q).__name__ in ("FakeTensor", "FunctionalTensor"):
         return None
     sig = signature(call)
     entry = lookup(sig)
-    if entry is not None and all(n in entry.get("ms", {}) or n in entry.get("rejected", {}) for n in servable):
-        return pick(entry, servable)
+    if _known(entry, servable) or not _should_measure(call):
+        return pick(entry, servable) if entry is not None else None
     with _tune_lock:
         entry = lookup(sig)
-        known = entry is not None and all(n in entry.get("ms", {}) or n in entry.get("rejected", {}) for n in servable)
-        if not known:
+        if not _known(entry, servable):
             logger.debug(f"autotune: measuring {len(servable)} attention backends for {sig}")
             entry = measure(call, servable)
             _log_entry(sig, entry)
@@ -593,8 +600,8 @@ def choose(call: AttentionCall, servable: List[str]) -> Optional[str]:
 
 
 def peek(call: AttentionCall, servable: List[str]) -> Optional[str]:
-    """The choice already measured for ``call``'s signature (memory or disk), never measuring; else None."""
-    if len(servable) < 2 or not enabled_for(call.device):
+    """The choice already stored for ``call``'s signature (memory or disk), never measuring; else None."""
+    if len(servable) < 2 or mode() == "off" or call.device.type == "meta":
         return None
     entry = lookup(signature(call))
     return pick(entry, servable) if entry is not None else None
@@ -604,7 +611,8 @@ def tune(q, k, v, mask=None, *, layout: str = "BHND", scale=None, force: bool = 
     """Measure the signature of these inputs now (ahead of the first real call) and return its entry.
 
     Same inputs as :func:`genesis_core.attention`. ``force`` re-measures a known signature.
-    Measures even where the switch leaves measuring off for the device (an explicit request).
+    Measures even on a device where AUTO would not measure by itself (CPU by default), and AUTO then
+    uses the result, unless the switch is ``off``.
     """
     from . import dispatch
 
