@@ -93,12 +93,18 @@ def _backward(ctx, grad):
     return gq, gk, gv, None, None, None, None
 
 
+attention_op = None  # torch < 2.4 has no custom ops: Dynamo graph-breaks around the eager call instead
 if HAS_CUSTOM_OP:
-    attention_op = torch.library.custom_op(OP_NAME, mutates_args=())(_real)
-    attention_op.register_fake(_fake)
-    attention_op.register_autograd(_backward, setup_context=_setup_context)
-else:  # torch < 2.4: no custom ops; Dynamo graph-breaks around the eager call instead
-    attention_op = None
+    try:
+        attention_op = torch.library.custom_op(OP_NAME, mutates_args=())(_real)
+        attention_op.register_fake(_fake)
+        attention_op.register_autograd(_backward, setup_context=_setup_context)
+    except RuntimeError as exc:  # defined already in this process (this module imported twice under one name)
+        from .._log import log_once
+
+        log_once(("custom-op", OP_NAME), f"torch.compile: {OP_NAME} already registered ({exc}); "
+                                         "compiled graphs will break around attention instead")
+        attention_op = None
 
 
 def traced_attention(q, k, v, mask, backend, layout: str, scale) -> torch.Tensor:
@@ -116,5 +122,5 @@ def _graph_break_attention(q, k, v, mask, name, layout, scale):
     return dispatch.eager_attention(q, k, v, mask, name, layout, scale)
 
 
-if not HAS_CUSTOM_OP and hasattr(torch, "_dynamo"):
+if attention_op is None and hasattr(torch, "_dynamo"):
     _graph_break_attention = torch._dynamo.disable(_graph_break_attention)
