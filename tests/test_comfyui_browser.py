@@ -38,9 +38,12 @@ LABELS_JS = """
 (() => {
   const out = {};
   for (const n of window.app.graph._nodes) {
-    for (const w of n.widgets || []) if (w.genesisDecorated) out[n.type + "." + w.name] = w.label || null;
+    for (const w of n.widgets || []) if (w.genesisDecorated) {
+      out[n.type + "." + w.name] = w.label || null;
+      out[n.type + "." + w.name + ".tooltip"] = w.tooltip || null;
+    }
   }
-  return Object.keys(out).length >= 4 ? out : null;
+  return Object.keys(out).length >= 8 ? out : null;
 })()
 """
 
@@ -54,7 +57,7 @@ OPEN_MENU_JS = """
   const scale = app.canvas.ds.scale, off = app.canvas.ds.offset;
   const x = rect.left + (node.pos[0] + node.size[0] / 2 + off[0]) * scale;
   const y = rect.top + (node.pos[1] + w.y + off[1]) * scale;
-  const e = new PointerEvent("click", { clientX: x, clientY: y });
+  const e = new PointerEvent("click", { clientX: x + 40, clientY: y + 150 });
   e.canvasX = node.pos[0] + node.size[0] / 2; e.canvasY = node.pos[1] + w.y;
   w.onClick({ e, node, canvas: app.canvas });
   return Array.from(document.querySelectorAll(".litecontextmenu .litemenu-entry")).map((el) => ({
@@ -63,6 +66,17 @@ OPEN_MENU_JS = """
 })()
 """
 
+
+WIDGET_POS_JS = """
+(() => {
+  const app = window.app;
+  const node = app.graph._nodes.find((n) => n.type === "GenesisAttentionSwitch");
+  const w = node.widgets.find((x) => x.name === "attention");
+  const rect = app.canvas.canvas.getBoundingClientRect();
+  const scale = app.canvas.ds.scale, off = app.canvas.ds.offset;
+  return [rect.left + (node.pos[0] + node.size[0] - 90 + off[0]) * scale, rect.top + (node.pos[1] + w.y + 10 + off[1]) * scale];
+})()
+"""
 
 FASTEST_JS = """
 (async () => {
@@ -103,13 +117,19 @@ def test_widget_shows_availability_marks(server, tmp_path):
         await page.evaluate(SETUP_JS)
         labels = await page.wait_for(LABELS_JS, timeout=60)
         entries = await page.evaluate(OPEN_MENU_JS)
-        await page.evaluate("new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        # Rest the mouse on the widget's label: the frontend shows its tooltip (with the status line).
+        x, y = await page.evaluate(WIDGET_POS_JS)
+        for dx in (0, 2, 4):
+            await page.send("Input.dispatchMouseEvent", type="mouseMoved", x=x + dx, y=y)
+            await page.evaluate("new Promise((r) => setTimeout(r, 200))")
+        await page.evaluate("new Promise((r) => setTimeout(r, 1200))")
+        hover = await page.evaluate("document.querySelector('.node-tooltip')?.innerText || ''")
         shot = await page.send("Page.captureScreenshot", format="png")
         fastest = await page.evaluate(FASTEST_JS)
-        return labels, entries, base64.b64decode(shot["data"]), page.console, fastest
+        return labels, entries, base64.b64decode(shot["data"]), page.console, fastest, hover
 
     with Chromium(tmp_path / "profile") as browser:
-        labels, entries, png, console, fastest = browser.run(scenario)
+        labels, entries, png, console, fastest, hover = browser.run(scenario)
 
     path = tmp_path / "comfyui_backend_marks.png"
     path.write_bytes(png)
@@ -121,6 +141,12 @@ def test_widget_shows_availability_marks(server, tmp_path):
     mark = "\u2713" if expected["xformers"] else "\u2717"
     assert labels["GenesisAttentionSwitch.attention"] == f"attention {mark}", labels
     assert labels["GenesisBackendSelect.backend"].startswith("backend "), labels
+    tip = labels["GenesisAttentionSwitch.attention.tooltip"]
+    assert tip.startswith("Attention backend:") and "xformers" in tip.splitlines()[-1], tip
+    if not expected["xformers"]:
+        assert "is not available here: " in tip.splitlines()[-1], tip
+    # What the frontend really shows while the mouse rests on the widget.
+    assert hover.strip().endswith(tip.splitlines()[-1].strip()), hover
     assert labels["GenesisMultiModalGen.attention_type"].startswith("attention_type "), labels
 
     # The fastest measured choice is known to the widget when the autotuner has data.

@@ -21,6 +21,7 @@ const MARK_FASTEST = "\u2605";  // ★
 let info = null;
 let loading = null;
 let activeWidget = null; // the Genesis combo whose dropdown is opening
+const baseTooltips = {}; // node type -> input name -> tooltip from the node definition
 
 export async function loadBackends(force = false) {
   if (info && !force) return info;
@@ -67,18 +68,30 @@ function isGenesisNode(node) {
   return typeof type === "string" && type.startsWith("Genesis");
 }
 
+function statusLine(value, status) {
+  if (!status) return "";
+  if (!status.ok) return `${MARK_MISSING} ${value} is not available here: ${status.reason}`;
+  const why = status.reason ? `: ${status.reason}` : "";
+  return `${markFor(status)} ${value}${status.fastest ? " (fastest measured here)" : ""}${why}`;
+}
+
 function refreshLabel(widget) {
   const kind = WIDGET_KINDS[widget.name];
   const status = choiceStatus(kind, widget.value);
   const mark = markFor(status);
   widget.label = mark ? `${widget.name} ${mark}` : undefined;
   widget.genesisStatus = status;
+  // Hovering the widget shows its tooltip followed by the selected choice's status.
+  const base = widget.genesisBaseTooltip || "";
+  const line = statusLine(widget.value, status);
+  widget.tooltip = line ? (base ? `${base}\n${line}` : line) : base || undefined;
   app.graph?.setDirtyCanvas?.(true, false);
 }
 
 function decorateWidget(node, widget) {
   if (widget.genesisDecorated) return;
   widget.genesisDecorated = true;
+  widget.genesisBaseTooltip = baseTooltips[node.comfyClass || node.type]?.[widget.name] || "";
   const originalClick = widget.onClick;
   widget.onClick = function (options) {
     activeWidget = this;
@@ -166,6 +179,14 @@ app.registerExtension({
     decorateNode(node);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (typeof nodeData?.name === "string" && nodeData.name.startsWith("Genesis")) {
+      const tips = (baseTooltips[nodeData.name] = {});
+      for (const section of ["required", "optional"]) {
+        for (const [name, spec] of Object.entries(nodeData.input?.[section] || {})) {
+          if (spec?.[1]?.tooltip) tips[name] = spec[1].tooltip;
+        }
+      }
+    }
     if (nodeData?.name !== "GenesisTensorInfo") return;
     // Show the summary text that GenesisTensorInfo returns in its "ui" output.
     const onExecuted = nodeType.prototype.onExecuted;
