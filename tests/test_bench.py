@@ -88,8 +88,8 @@ def test_overhead_and_e2e_rows():
     assert len(rows) == 4 and all(r["us_per_call"] > 0 for r in rows)
     assert rows[0]["overhead_us"] == 0.0 or rows[1]["overhead_us"] == 0.0
     e2e = bench.bench_e2e(torch.device("cpu"), torch.float32, "small", 1, 2, 0)
-    assert [r["vs_sdpa"] for r in e2e][0] == 1.0
-    assert e2e[1]["rel_diff_vs_sdpa"] < 1e-5 and e2e[1]["attention_backend"] in registry.names()
+    assert [r["vs_baseline"] for r in e2e][0] == 1.0
+    assert e2e[1]["rel_diff_vs_baseline"] < 1e-5 and e2e[1]["attention_backend"] in registry.names()
     bench.print_overhead(rows)
     bench.print_e2e(e2e)
 
@@ -100,3 +100,20 @@ def test_module_entry_point(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "tiny" in proc.stdout and "sdpa" in proc.stdout
+
+
+def test_e2e_with_comfyui_flux_model(tmp_path):
+    from comfy_helpers import comfyui_path
+
+    path = comfyui_path()
+    if path is None:
+        pytest.skip("needs a ComfyUI checkout in COMFYUI_PATH")
+    out = tmp_path / "e2e.json"
+    proc = subprocess.run([sys.executable, "-m", "genesis_core", "bench", "--device", "cpu", "--section", "e2e",
+                           "--e2e-size", "small", "--reps", "1", "--comfyui", str(path), "--json", str(out),
+                           "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["e2e_comfyui"]
+    assert rows[0]["variant"].startswith("ComfyUI default attention")
+    assert rows[1]["genesis_calls"] > 0 and rows[1]["rel_diff_vs_baseline"] < 1e-4
+    assert rows[1]["attention_backend"] in registry.names()
