@@ -58,7 +58,7 @@ CANDIDATE_TARGET_MS = 60.0  # timed work per candidate, before clamping the repe
 REF_HEADS, REF_ROWS = 4, 256
 
 _lock = threading.RLock()  # guards _entries / _disk
-_tune_lock = threading.Lock()  # one measurement at a time (timings from two threads would disturb each other)
+_tune_lock = threading.RLock()  # one measurement at a time (re-entrant: a backend may itself call attention)
 _entries: Dict[str, dict] = {}
 _disk: Optional[autotune_cache.DiskCache] = None
 _disk_loaded = False
