@@ -29,7 +29,7 @@ fail=0
 "$PY" -c 'import torch, sys; ok = torch.cuda.is_available(); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if ok else "NO CUDA DEVICE"); sys.exit(0 if ok else 1)' || exit 1
 
 echo "== bench (attention, overhead, e2e)"
-timeout 330 "$PY" -m genesis_core bench --device cuda --dtype bf16 --shapes diffusion --reps 10 --budget-ms 1500 \
+timeout 200 "$PY" -m genesis_core bench --device cuda --dtype bf16 --shapes diffusion --reps 10 --budget-ms 1500 \
     --section attention,overhead,e2e --e2e-blocks 4 --json "$OUT/bench_gpu.json" --plot "$OUT/bench_gpu.png" \
     --no-progress 2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
