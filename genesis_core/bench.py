@@ -574,7 +574,7 @@ def write_plot(path: str, rows: List[dict], title: str) -> Optional[str]:
     if not shapes or not backends:
         return "nothing measured to plot"
     width = 0.8 / len(backends)
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(shapes) * max(1, len(backends) / 4)), 5))
+    fig, ax = plt.subplots(figsize=(min(22, max(8, 0.25 * len(shapes) * len(backends) + 2)), 5))
     cmap = plt.get_cmap("tab10" if len(backends) <= 10 else "tab20")
     for i, bname in enumerate(backends):
         for j, s in enumerate(shapes):
@@ -583,7 +583,7 @@ def write_plot(path: str, rows: List[dict], title: str) -> Optional[str]:
                 continue
             ax.bar(j + (i - (len(backends) - 1) / 2) * width, r["tflops"], width, color=cmap(i % 20),
                    hatch="//" if not r["correct"] else None, edgecolor="black" if bname == "auto" else None,
-                   label=bname if j == 0 or not any(p.get_label() == bname for p in ax.patches) else None)
+                   label=bname)
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
     ax.legend(uniq.values(), uniq.keys(), fontsize=8, ncol=2)

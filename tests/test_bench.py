@@ -117,3 +117,12 @@ def test_e2e_with_comfyui_flux_model(tmp_path):
     assert rows[0]["variant"].startswith("ComfyUI default attention")
     assert rows[1]["genesis_calls"] > 0 and rows[1]["rel_diff_vs_baseline"] < 1e-4
     assert rows[1]["attention_backend"] in registry.names()
+
+
+def test_plot_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows, _ = bench.bench_attention(bench.parse_shapes("tiny;1,2,16,16,8"), ["sdpa", "pytorch"], True,
+                                    torch.device("cpu"), torch.float32, 1, 1, 1000.0, False, 0)
+    path = tmp_path / "bench.png"
+    assert bench.write_plot(str(path), rows, "test") is None
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
