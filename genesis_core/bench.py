@@ -268,7 +268,7 @@ def bench_attention(shapes: List[Shape], names: List[str], include_auto: bool, d
                     if r >= limit[n]:
                         continue
                     try:
-                        t = autotune.time_runs((lambda f, i: (lambda: [f() for _ in range(i)]))(fn, inner[n]), device, 1)[0]
+                        t = autotune.time_runs(autotune.repeat(fn, inner[n]), device, 1)[0]
                         samples[n].append(t / inner[n])
                     except Exception as exc:
                         cells[n]["status"] = "failed"

@@ -353,6 +353,15 @@ def time_runs(fn: Callable[[], object], device: torch.device, reps: int) -> List
     return out
 
 
+def repeat(fn: Callable[[], object], times: int) -> Callable[[], None]:
+    """A function that calls ``fn`` ``times`` times, keeping no result alive."""
+    def run() -> None:
+        for _ in range(times):
+            fn()
+
+    return run
+
+
 def _memory_guard(name: str, call: AttentionCall) -> Optional[str]:
     """Why the reference kernel that materialises the scores should not run for this call, or None."""
     if name != "sdpa_math":
@@ -464,7 +473,7 @@ def measure(call: AttentionCall, names: Sequence[str], budget_ms: Optional[float
                 for n in list(samples):
                     run = registry.get(n).run
                     try:
-                        t = time_runs(lambda: [run(call) for _ in range(inner)], device, 1)[0]
+                        t = time_runs(repeat(lambda: run(call), inner), device, 1)[0]
                         samples[n].append(t / inner)
                     except Exception as exc:
                         rejected[n] = f"failed while timing: {_first_line(exc)}"
