@@ -121,7 +121,7 @@ def test_miss_measures_then_hits_memory_and_disk(tuner, monkeypatch):
     assert len(calls) == 2
     # The file holds both; after dropping memory, the choice comes back from disk without measuring.
     data = json.loads(autotune.cache_path().read_text())
-    assert sig in data["entries"] and data["env"] == autotune.environment()
+    assert sig in data["entries"] and data["env"] == autotune.environment("cpu")
     autotune.reload()
     assert autotune.lookup(sig)["chosen"] == row["chosen"]
     genesis_core.attention(q, k, v)
@@ -373,3 +373,20 @@ def test_tune_ahead_on_cpu_is_used_by_auto_in_the_default_mode(tuner, monkeypatc
     dispatch.clear_plans()
     genesis_core.attention(q, k, v)
     assert dispatch.last_backend() == dispatch.DEFAULT_AUTO_ORDER[0]
+
+
+def test_cpu_calls_never_initialise_cuda_for_the_cache(tuner, monkeypatch):
+    # A GPU machine running on CPU (ComfyUI --cpu): reading or writing CPU choices must not create a
+    # CUDA context just to learn the GPU names that key the accelerator cache.
+    def no_init(*args, **kwargs):
+        raise AssertionError("CUDA was initialised by the autotuner's cache")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", no_init)
+    monkeypatch.setattr(autotune, "_envs", {})
+    autotune.reload()
+    q, k, v = qkv(d=24)
+    genesis_core.attention(q, k, v)
+    assert any(sig.startswith("cpu ") for sig in autotune.timings())
+    assert autotune.cache_path("cpu").exists()

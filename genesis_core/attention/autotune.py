@@ -18,8 +18,10 @@ Candidates are tried fastest-likely first, within a wall-clock budget per signat
 kernel ``sdpa_math`` is skipped where its score matrix would not fit comfortably in memory.
 The fastest survivor is the choice; if every candidate fails, AUTO keeps the default order.
 
-Choices live in memory and in a JSON file in the user's cache dir (see :mod:`.autotune_cache`),
-keyed by GPU names, torch and package versions. Thread-safe: one signature is measured at a time,
+Choices live in memory and in JSON files in the user's cache dir (see :mod:`.autotune_cache`): one
+for accelerator signatures, keyed by GPU names, torch/CUDA/cuDNN and kernel package versions, and one
+for CPU signatures, keyed by torch and the processor (so CPU-only use never creates a CUDA context
+to learn GPU names). Thread-safe: one signature is measured at a time,
 and a second thread asking for it waits for the first one's answer.
 
 Switch: ``GENESIS_AUTOTUNE=0`` (or ``off``) never measures and ignores stored choices (the default
@@ -57,12 +59,12 @@ MIN_REPS, MAX_REPS = 3, 15
 CANDIDATE_TARGET_MS = 60.0  # timed work per candidate, before clamping the repetitions
 REF_HEADS, REF_ROWS = 4, 256
 
-_lock = threading.RLock()  # guards _entries / _disk
+_lock = threading.RLock()  # guards _entries / _disks / _loaded
 _tune_lock = threading.RLock()  # one measurement at a time (re-entrant: a backend may itself call attention)
 _entries: Dict[str, dict] = {}
-_disk: Optional[autotune_cache.DiskCache] = None
-_disk_loaded = False
-_env: Optional[dict] = None
+_disks: Dict[str, autotune_cache.DiskCache] = {}  # "cpu" / "accel" -> its file
+_loaded: set = set()  # kinds whose file has been read into _entries
+_envs: Dict[str, dict] = {}
 _device_names: Dict[int, str] = {}
 _mode_override: Optional[str] = None
 
@@ -147,59 +149,72 @@ def signature(call: AttentionCall) -> str:
     )
 
 
-def environment() -> dict:
-    """What the measurements depend on: GPUs, torch/CUDA/cuDNN and kernel package versions."""
-    global _env
-    if _env is None:
+def _kind(sig_or_type: str) -> str:
+    """Which cache file a signature (or device type) belongs to: ``"cpu"`` or ``"accel"``."""
+    return "cpu" if sig_or_type == "cpu" or sig_or_type.startswith("cpu ") else "accel"
+
+
+def _accel_env_is_cheap() -> bool:
+    # GPU names need a CUDA context; never create one just to read a cache (a CPU-only run on a GPU box).
+    return not torch.cuda.is_available() or torch.cuda.is_initialized()
+
+
+def environment(kind: str = "accel") -> dict:
+    """What the measurements depend on. ``"accel"``: GPU names, torch/CUDA/HIP/cuDNN and kernel package
+    versions; ``"cpu"``: torch and the processor (CPU choices do not move with the GPU or its kernels)."""
+    env = _envs.get(kind)
+    if env is None:
         from .backends._common import package_version
 
         try:
             from .. import __version__ as genesis_version
         except ImportError:
             genesis_version = None
-        gpus: List[str] = []
-        cudnn = None
-        if torch.cuda.is_available():
-            try:
-                gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-                cudnn = torch.backends.cudnn.version()
-            except Exception:
-                gpus = ["unknown"]
-        dists = ("flash-attn", "flash_attn_3", "flash-attn-cute", "sageattention", "xformers", "triton")
-        _env = {
-            "genesis": genesis_version,
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "hip": getattr(torch.version, "hip", None),
-            "cudnn": cudnn,
-            "gpus": gpus,
-            "packages": {d: package_version(d) for d in dists},
-        }
-    return _env
+        if kind == "cpu":
+            import platform
+
+            env = {"kind": "cpu", "genesis": genesis_version, "torch": torch.__version__,
+                   "machine": platform.machine(), "processor": platform.processor()}
+        else:
+            gpus: List[str] = []
+            cudnn = None
+            if torch.cuda.is_available():
+                try:
+                    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+                    cudnn = torch.backends.cudnn.version()
+                except Exception:
+                    gpus = ["unknown"]
+            dists = ("flash-attn", "flash_attn_3", "flash-attn-cute", "sageattention", "xformers", "triton")
+            env = {"kind": "accel", "genesis": genesis_version, "torch": torch.__version__,
+                   "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None), "cudnn": cudnn,
+                   "gpus": gpus, "packages": {d: package_version(d) for d in dists}}
+        _envs[kind] = env
+    return env
 
 
 # ---------------------------------------------------------------- cache
 
 
-def _store() -> autotune_cache.DiskCache:
-    """The disk cache for this environment and the current cache dir (loaded into memory once)."""
-    global _disk, _disk_loaded
-    env = environment()
+def _store(kind: str) -> autotune_cache.DiskCache:
+    """The disk cache of ``kind`` for the current cache dir (loaded into memory once)."""
+    env = environment(kind)
     path = autotune_cache.cache_path(env)
     with _lock:
-        if _disk is None or _disk.path != path:
-            _disk = autotune_cache.DiskCache(env, path)
-            _disk_loaded = False
-        if not _disk_loaded:
-            for sig, entry in _disk.load().items():
+        disk = _disks.get(kind)
+        if disk is None or disk.path != path:
+            disk = _disks[kind] = autotune_cache.DiskCache(env, path)
+            _loaded.discard(kind)
+        if kind not in _loaded:
+            for sig, entry in disk.load().items():
                 _entries.setdefault(sig, entry)
-            _disk_loaded = True
-        return _disk
+            _loaded.add(kind)
+        return disk
 
 
-def cache_path():
-    """Path of this environment's cache file."""
-    return _store().path
+def cache_path(device="cpu"):
+    """Path of the cache file for ``device``'s kind (``"cpu"``, or any accelerator: ``"cuda"``)."""
+    dev_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return _store(_kind(dev_type)).path
 
 
 def lookup(sig: str) -> Optional[dict]:
@@ -208,7 +223,7 @@ def lookup(sig: str) -> Optional[dict]:
         entry = _entries.get(sig)
         if entry is not None:
             return entry
-    _store()
+    _store(_kind(sig))
     with _lock:
         return _entries.get(sig)
 
@@ -223,33 +238,34 @@ def _remember(sig: str, entry: dict) -> None:
         _entries[sig] = entry
     if any(t in reason for reason in entry.get("rejected", {}).values() for t in _TRANSIENT):
         return
-    _store().update({sig: entry})
+    _store(_kind(sig)).update({sig: entry})
 
 
 def clear(disk: bool = True) -> None:
-    """Forget every measurement (memory, and this environment's cache file unless ``disk=False``)."""
-    global _disk_loaded
-    store = _store()  # load first, so nothing from the file comes back after the clear
+    """Forget every measurement (memory, and the cache files unless ``disk=False``)."""
+    kinds = ["cpu", "accel"] if disk or _accel_env_is_cheap() else ["cpu"]
+    stores = [_store(k) for k in kinds]  # load first, so nothing from a file comes back after the clear
     with _lock:
         _entries.clear()
-        if disk:
-            store.remove()
-        _disk_loaded = True  # memory and disk now agree (both empty, or disk kept on purpose)
+        for store in stores:
+            if disk:
+                store.remove()
     _clear_plans()
 
 
 def reload() -> None:
-    """Drop the in-memory choices and read the cache file again on the next lookup."""
-    global _disk_loaded
+    """Drop the in-memory choices and read the cache files again on the next lookup."""
     with _lock:
         _entries.clear()
-        _disk_loaded = False
+        _loaded.clear()
     _clear_plans()
 
 
 def timings() -> Dict[str, dict]:
     """{signature: {backend: median ms, ..., "chosen": name or None, "rejected": {name: reason}}}."""
-    _store()
+    _store("cpu")
+    if _accel_env_is_cheap():
+        _store("accel")
     with _lock:
         items = list(_entries.items())
     out = {}
