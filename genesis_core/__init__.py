@@ -20,6 +20,7 @@ from .attention import (  # noqa: E402
     set_default_backend,
     use_backend,
 )
+from .attention import autotune  # noqa: E402
 from .attention.modules import (  # noqa: E402
     AdaptiveAttentionSwitch,
     CrossAttentionInterface,
@@ -50,6 +51,7 @@ __all__ = [
     "CrossAttentionInterface",
     "CrossAttentionModule",
     "attention",
+    "autotune",
     "backend_name",
     "backends_report",
     "create_attention_interface",

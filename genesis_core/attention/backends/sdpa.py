@@ -41,6 +41,8 @@ def _mask_for_sdpa(call: AttentionCall) -> Optional[torch.Tensor]:
 
 def sdpa(call: AttentionCall, native_gqa: bool = True) -> torch.Tensor:
     """Run SDPA on the call (BHND in, BHND out), using native GQA where torch has it and ``native_gqa``."""
+    if call.mask is None and call.q.shape[1] == call.k.shape[1]:  # the common case, kept short
+        return F.scaled_dot_product_attention(call.q, call.k, call.v, scale=call.scale)
     mask = _mask_for_sdpa(call)
     if call.gqa and SDPA_GQA and native_gqa:
         return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=mask, scale=call.scale, enable_gqa=True)
