@@ -259,7 +259,10 @@ def bench_attention(shapes: List[Shape], names: List[str], include_auto: bool, d
         # Interleaved rounds: every live cell once per round.
         live = dict(fns)
         # Short calls: several back-to-back runs per sample, so clock and launch granularity stay out.
-        inner = {n: int(max(1, min(50, 0.5 / max(cells[n]["probe_ms"], 1e-4)))) for n in live}
+        # One inner count for every cell of a shape, so launch and event overheads are amortised alike
+        # (per-cell counts made the AUTO row look 30-80% slower than its own kernel on short calls).
+        fastest = min((cells[n]["probe_ms"] for n in live), default=1.0)
+        inner = {n: int(max(1, min(50, 0.5 / max(fastest, 1e-4)))) for n in live}
         limit = {n: max(1, min(reps, int(budget_ms / max(cells[n]["probe_ms"] * inner[n], 1e-3)))) for n in live}
         samples: Dict[str, List[float]] = {n: [] for n in live}
         with torch.no_grad():

@@ -390,3 +390,15 @@ def test_cpu_calls_never_initialise_cuda_for_the_cache(tuner, monkeypatch):
     genesis_core.attention(q, k, v)
     assert any(sig.startswith("cpu ") for sig in autotune.timings())
     assert autotune.cache_path("cpu").exists()
+
+
+def test_ties_go_to_the_default_order_and_clear_wins_to_the_winner():
+    from genesis_core.attention.autotune import TIE_MARGIN, pick, prefer_default
+
+    ms = {"sdpa_cudnn": 1.00, "sdpa": 1.00 + TIE_MARGIN / 2, "flash": 1.8}
+    assert prefer_default(ms, list(ms)) == "sdpa"
+    ms["sdpa"] = 1.00 + 2 * TIE_MARGIN
+    assert prefer_default(ms, list(ms)) == "sdpa_cudnn"
+    entry = {"ms": {"sdpa_cudnn": 1.0, "sdpa": 1.01}, "rejected": {"sdpa": "inaccurate"}}
+    assert pick(entry, ["sdpa", "sdpa_cudnn"]) == "sdpa_cudnn"
+    assert pick(entry, ["sdpa"]) is None

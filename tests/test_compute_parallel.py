@@ -192,3 +192,24 @@ def test_worker_threads_inherit_no_grad(ex):
     assert not any(o.requires_grad for o in outs) and not inf.requires_grad
     outs = ex.parallel_execute(lin, [torch.randn(2, 3)] * 2, ["w0", "w1"])
     assert all(o.requires_grad for o in outs)
+
+
+def test_a_split_that_loses_to_one_worker_is_not_repeated(ex, genesis_log):
+    """Workers that are fast alone but contend when run together (here: one shared lock, as a CPU kernel
+    can starve the thread feeding a GPU): after a split slower than the best worker alone, later calls
+    with that signature go to that worker only, and the log says so once."""
+    shared = threading.Lock()
+
+    def fn(x):
+        with shared:
+            time.sleep(0.02 + 0.001 * x.shape[0])
+        return x + 1
+
+    x = torch.randn(48, 3)
+    first = ex.split_plan(fn, x, ["w0", "w1"])
+    assert all(v > 0 for v in first.values()), first  # equal speeds alone: split evenly at first
+    torch.testing.assert_close(ex.split_execute(fn, x, ["w0", "w1"]), x + 1)
+    after = ex.split_plan(fn, x, ["w0", "w1"])
+    assert sorted(after.values()) == [0, 48], after
+    assert sum("run on" in m and "only" in m for m in genesis_log) == 1
+    torch.testing.assert_close(ex.split_execute(fn, x, ["w0", "w1"]), x + 1)

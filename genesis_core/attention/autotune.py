@@ -501,7 +501,7 @@ def measure(call: AttentionCall, names: Sequence[str], budget_ms: Optional[float
         progress.step()
     ranking = sorted(ms, key=ms.get)
     return {
-        "chosen": ranking[0] if ranking else None,
+        "chosen": prefer_default(ms, ranking),
         "ranking": ranking,
         "ms": {n: round(ms[n], 5) for n in ranking},
         "rel_err": {n: (None if not math.isfinite(e) else float(f"{e:.4g}")) for n, e in errors.items()},
@@ -572,14 +572,32 @@ def _should_measure(call: AttentionCall) -> bool:
     return True
 
 
-def pick(entry: dict, servable: Sequence[str]) -> Optional[str]:
-    """The fastest measured survivor that can serve this call, or None."""
-    ms = entry.get("ms", {})
-    rejected = entry.get("rejected", {})
-    for name in sorted(ms, key=ms.get):
-        if name in servable and name not in rejected:
+# A measured winner must beat the default-order backend (plain ``sdpa`` first) by more than this to be
+# chosen. On the H100 (2026-11-25) ``sdpa`` and ``sdpa_cudnn`` ran the same cuDNN kernel and their medians
+# still swapped places between runs by up to ~10% on Flux/Wan shapes; the pinned variant also pays for the
+# ``sdpa_kernel`` context on every call. Ties go to the backend that lets PyTorch choose.
+TIE_MARGIN = 0.03
+
+
+def prefer_default(ms: Dict[str, float], candidates: Sequence[str]) -> Optional[str]:
+    """The fastest of ``candidates`` (names with a timing in ``ms``), unless a backend earlier in the
+    default order is within ``TIE_MARGIN`` of it; then that one."""
+    ranked = sorted((n for n in candidates if n in ms), key=ms.get)
+    if not ranked:
+        return None
+    from .dispatch import DEFAULT_AUTO_ORDER  # dispatch imports this module at its end
+
+    best = ranked[0]
+    for name in DEFAULT_AUTO_ORDER:
+        if name in ranked and ms[name] <= ms[best] * (1.0 + TIE_MARGIN):
             return name
-    return None
+    return best
+
+
+def pick(entry: dict, servable: Sequence[str]) -> Optional[str]:
+    """The measured survivor that can serve this call (see :func:`prefer_default`), or None."""
+    rejected = entry.get("rejected", {})
+    return prefer_default(entry.get("ms", {}), [n for n in servable if n not in rejected])
 
 
 def _log_entry(sig: str, entry: dict) -> None:

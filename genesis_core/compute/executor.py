@@ -152,6 +152,9 @@ class HeterogeneousExecutor:
         self._calibration: Dict[Any, Dict[str, List[float]]] = {}
         self._calibration_keep: Dict[Any, Any] = {}
         self._calibration_lock = threading.Lock()
+        # Calibration key -> worker name that runs the whole batch alone, set when a real split ran
+        # slower than that worker was predicted to run everything (contention the solo fits miss).
+        self._single: Dict[Any, str] = {}
 
     # -- registration -------------------------------------------------------------------------------
     def register_backend(self, backend: BackendLike, device: DeviceLike = None, *, name: Optional[str] = None,
@@ -468,9 +471,13 @@ class HeterogeneousExecutor:
         for _, c in used:
             splits.append(self._slice(args, dim, start, c))
             start += c
+        t0 = time.perf_counter()
         results, times = self._run_parallel(fn, splits, [w for w, _ in used], return_device, sync=True)
+        wall = time.perf_counter() - t0
         if calibrate:
             self._refine(fn, args, workers, dim, [(w, c, t) for (w, c), t in zip(used, times)])
+            if len(used) > 1:
+                self._check_split_paid_off(fn, args, workers, dim, total, wall)
         if return_device is None:
             home = first_tensor(results[0])
             results = [map_tensors(r, _mover(home.device if home is not None else None)) for r in results]
@@ -488,6 +495,7 @@ class HeterogeneousExecutor:
         with self._calibration_lock:
             self._calibration.clear()
             self._calibration_keep.clear()
+            self._single.clear()
 
     def _split_workers(self, backends: Optional[Sequence[BackendLike]]) -> List[Worker]:
         if backends is None:
@@ -540,6 +548,9 @@ class HeterogeneousExecutor:
             return plan_shares(total, [(0.0, 1.0)] * len(workers))
         key, keep = self._calibration_key(fn, args, workers, dim)
         with self._calibration_lock:
+            single = self._single.get(key)
+            if single is not None:
+                return [total if w.name == single else 0 for w in workers]
             models = self._calibration.get(key)
             if models is None:
                 models = {w.name: self._measure(fn, args, total, w, dim) for w in workers}
@@ -570,6 +581,24 @@ class HeterogeneousExecutor:
         else:
             b, a = max(t_small / small, 1e-9), 0.0
         return [a, b]
+
+    def _check_split_paid_off(self, fn: Callable[..., Any], args: Tuple[Any, ...], workers: List[Worker], dim: int,
+                              total: int, wall: float) -> None:
+        """After a real split: if it took longer than the best single worker's own fit for the whole batch,
+        later calls with this key run on that worker alone (the fits are made one worker at a time, so
+        they miss contention, e.g. CPU kernels starving the thread that feeds a GPU). Logged once."""
+        key, _ = self._calibration_key(fn, args, workers, dim)
+        with self._calibration_lock:
+            models = self._calibration.get(key)
+            if models is None:
+                return
+            solo = {w.name: models[w.name][0] + models[w.name][1] * total for w in workers}
+            best = min(solo, key=solo.get)
+            if wall > solo[best]:
+                self._single[key] = best
+                log_once(("split-single", key[0], key[2]),
+                         f"split over {', '.join(solo)} took {wall * 1e3:.2f} ms, more than '{best}' alone is "
+                         f"predicted to take ({solo[best] * 1e3:.2f} ms): later calls like this run on '{best}' only")
 
     def _refine(self, fn: Callable[..., Any], args: Tuple[Any, ...], workers: List[Worker], dim: int,
                 observed: List[Tuple[Worker, int, float]]) -> None:

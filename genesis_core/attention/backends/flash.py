@@ -17,7 +17,7 @@ import torch
 from ..registry import Backend, get, register
 from ..types import AttentionCall
 from ._common import module_present, need_half, package_version
-from .sdpa import PINNED, sdpa_kernel
+from .sdpa import sdpa_kernel
 
 # (label, module to import, attribute, distribution name for the version)
 _CANDIDATES = (
@@ -70,7 +70,7 @@ def _probe() -> Optional[str]:
 
 def _unsupported(call: AttentionCall) -> Optional[str]:
     if _impl is None:
-        return PINNED["sdpa_flash"][1](call)
+        return get("sdpa_flash").unsupported(call)
     if call.mask is not None:
         return "FlashAttention takes no arbitrary mask; a mask was given"
     reason = need_half(call)

@@ -7,6 +7,7 @@ A pinned kernel that PyTorch refuses raises, and dispatch falls back along its c
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -92,6 +93,42 @@ def _cudnn_limits(call: AttentionCall) -> Optional[str]:
     return None
 
 
+_CHECKERS = {
+    "FLASH_ATTENTION": "can_use_flash_attention",
+    "EFFICIENT_ATTENTION": "can_use_efficient_attention",
+    "CUDNN_ATTENTION": "can_use_cudnn_attention",
+}
+
+
+def torch_refusal(kernel_name: str, call: AttentionCall, native_gqa: bool) -> Optional[str]:
+    """Ask PyTorch's own SDPA checker whether ``kernel_name`` takes this CUDA call; its reasons if not.
+
+    PyTorch's limits (cuDNN's especially) are more than shape rules Genesis could restate, so the
+    pinned CUDA kernels defer to ``torch.backends.cuda.can_use_*`` with ``debug=True`` and quote it.
+    """
+    checker = getattr(torch.backends.cuda, _CHECKERS.get(kernel_name, ""), None)
+    params_cls = getattr(torch.backends.cuda, "SDPAParams", None)
+    if checker is None or params_cls is None or call.device.type != "cuda":
+        return None
+    gqa = call.gqa and SDPA_GQA and native_gqa
+    k, v = (call.k, call.v) if gqa or not call.gqa else expand_kv(call)
+    mask = _mask_for_sdpa(call)
+    try:
+        try:
+            params = params_cls(call.q, k, v, mask, 0.0, False, gqa)
+        except TypeError:  # torch < 2.5: no enable_gqa argument
+            params = params_cls(call.q, k, v, mask, 0.0, False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ok = checker(params, True)
+    except Exception:  # the checker's own signature moved: let the run decide (and fall back if refused)
+        return None
+    if ok:
+        return None
+    said = "; ".join(str(w.message).strip() for w in caught if str(w.message).strip()) or "no reason given"
+    return f"PyTorch's {kernel_name.lower()} kernel refuses this call: {said}"
+
+
 def _pinned(kernel_name: str) -> Callable[[AttentionCall], torch.Tensor]:
     kernel = getattr(SDPBackend, kernel_name)
     # PyTorch's enable_gqa is served by its flash and math kernels only (seen on torch 2.11, H100):
@@ -139,6 +176,15 @@ def _pinned_probe(cuda_only: bool = False) -> Optional[str]:
     return _probe()
 
 
+def _with_torch_check(kernel_name: str, limits: Callable[[AttentionCall], Optional[str]]):
+    native_gqa = kernel_name in ("FLASH_ATTENTION", "MATH")
+
+    def unsupported(call: AttentionCall) -> Optional[str]:
+        return limits(call) or torch_refusal(kernel_name, call, native_gqa)
+
+    return unsupported
+
+
 for _name, (_kernel, _limits, _desc) in PINNED.items():
     if SDPBackend is None or not hasattr(SDPBackend, _kernel):
         register(Backend(name=_name, probe=lambda k=_kernel: f"torch {torch.__version__} has no SDPBackend.{k}",
@@ -148,7 +194,7 @@ for _name, (_kernel, _limits, _desc) in PINNED.items():
         Backend(
             name=_name,
             probe=lambda c=_limits in (_cuda_only, _cudnn_limits): _pinned_probe(c),
-            unsupported=_limits,
+            unsupported=_with_torch_check(_kernel, _limits),
             run=_pinned(_kernel),
             description=lambda d=_desc: d,
             version=_version,
