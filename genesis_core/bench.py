@@ -267,7 +267,11 @@ def bench_attention(shapes: List[Shape], names: List[str], include_auto: bool, d
         samples: Dict[str, List[float]] = {n: [] for n in live}
         with torch.no_grad():
             for r in range(reps):
-                for n, fn in list(live.items()):
+                # Rotate the order every round: a cell right after one that thrashes L2 or changes clocks
+                # (the chunked math path) is otherwise always the one that pays for it.
+                items = list(live.items())
+                items = items[r % len(items):] + items[:r % len(items)] if items else items
+                for n, fn in items:
                     if r >= limit[n]:
                         continue
                     try:

@@ -486,7 +486,12 @@ def measure(call: AttentionCall, names: Sequence[str], budget_ms: Optional[float
                 rounds = MIN_REPS
             samples: Dict[str, List[float]] = {n: [] for n in timed}
             for r in range(rounds):
-                for n in list(samples):
+                order = list(samples)
+                if not order:
+                    break
+                for n in order[r % len(order):] + order[:r % len(order)]:  # rotated: no fixed position
+                    if n not in samples:
+                        continue
                     run = registry.get(n).run
                     try:
                         t = time_runs(repeat(lambda: run(call), inner), device, 1)[0]
