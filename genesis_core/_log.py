@@ -35,3 +35,9 @@ def reset_once() -> None:
     """Forget which messages were logged (tests use this to observe logging again)."""
     with _seen_lock:
         _seen.clear()
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``"TypeName: first line of the message"`` (cut to ``limit`` characters), for one-line reasons."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:limit]}" if text else type(exc).__name__

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._log import first_line
 from .attention import autotune, dispatch, registry
 from .attention.types import AttentionCall
 
@@ -246,7 +247,7 @@ def bench_attention(shapes: List[Shape], names: List[str], include_auto: bool, d
                     probe = autotune.time_runs(fn, device, 1)[0]
             except Exception as exc:
                 row["status"] = "failed"
-                row["note"] = autotune._first_line(exc)
+                row["note"] = first_line(exc)
                 bar.update()
                 continue
             tol = autotune.tolerance(backend, dtype)
@@ -279,7 +280,7 @@ def bench_attention(shapes: List[Shape], names: List[str], include_auto: bool, d
                         samples[n].append(t / inner[n])
                     except Exception as exc:
                         cells[n]["status"] = "failed"
-                        cells[n]["note"] = autotune._first_line(exc)
+                        cells[n]["note"] = first_line(exc)
                         del live[n]
         for n, vals in samples.items():
             if n not in live or not vals:
@@ -662,8 +663,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             result["e2e"] = bench_e2e(device, dtype, size, blocks, max(reps, 5), args.seed)
             print_e2e(result["e2e"])
         except Exception as exc:
-            print(f"\ne2e failed: {autotune._first_line(exc)}", file=sys.stderr)
-            result["e2e_error"] = autotune._first_line(exc)
+            print(f"\ne2e failed: {first_line(exc)}", file=sys.stderr)
+            result["e2e_error"] = first_line(exc)
             status = 1
         comfy_path = args.comfyui or os.environ.get("COMFYUI_PATH")
         if comfy_path:
@@ -673,8 +674,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                           max(reps, 5), args.seed)
                 print_e2e(result["e2e_comfyui"])
             except Exception as exc:
-                print(f"\ne2e with ComfyUI's Flux failed: {autotune._first_line(exc)}", file=sys.stderr)
-                result["e2e_comfyui_error"] = autotune._first_line(exc)
+                print(f"\ne2e with ComfyUI's Flux failed: {first_line(exc)}", file=sys.stderr)
+                result["e2e_comfyui_error"] = first_line(exc)
                 status = 1
     if "executor" in sections:
         try:
@@ -686,8 +687,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print("\nExecutor:")
                 result["executor"] = compute_bench.run_executor_bench(quick=on_cpu, print_table=True)
             except Exception as exc:
-                print(f"\nexecutor section failed: {autotune._first_line(exc)}", file=sys.stderr)
-                result["executor_error"] = autotune._first_line(exc)
+                print(f"\nexecutor section failed: {first_line(exc)}", file=sys.stderr)
+                result["executor_error"] = first_line(exc)
                 status = 1
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

@@ -278,3 +278,98 @@ def test_plans_are_reused_for_the_same_signature(monkeypatch):
     assert calls == [], "an already-seen signature must not be validated again"
     attention(torch.randn(1, 4, 9, 16), torch.randn(1, 4, 7, 16), torch.randn(1, 4, 7, 16), backend="pytorch")
     assert calls == [1]
+
+
+def test_scale_is_checked_on_every_call_not_only_the_first():
+    q, k, v = qkv()
+    attention(q, k, v, scale=0.25, backend="pytorch")
+    for bad in (float("inf"), float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match=r"scale must be a finite number or None"):
+            attention(q, k, v, scale=bad, backend="pytorch")
+
+
+def test_strides_and_grad_mode_get_their_own_plans():
+    from genesis_core.attention import dispatch
+
+    clear_plans()
+    q, k, v = qkv()
+    attention(q, k, v, backend="pytorch")
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)  # same shape, other strides
+    out = attention(qt, k, v, backend="pytorch")
+    assert torch.allclose(out.double(), reference_attention(q, k, v), atol=1e-5)
+    attention(q.requires_grad_(), k, v, backend="pytorch")
+    assert len(dispatch._plans) == 3
+
+
+def test_sage_refuses_inputs_that_need_a_backward():
+    from genesis_core.attention.backends import sage
+
+    call = _call()
+    call.q.requires_grad_()
+    assert sage.backend.unsupported(call).startswith("SageAttention has no backward pass")
+    with torch.no_grad():
+        assert sage.backend.unsupported(call) == "SageAttention needs CUDA tensors; got device meta"
+
+
+def test_concurrent_failures_drop_only_the_failing_backend():
+    from genesis_core.attention import dispatch
+
+    barrier = threading.Barrier(2, timeout=10)
+
+    def run(call):
+        barrier.wait()
+        raise RuntimeError("both threads fail here together")
+
+    registry.register(Backend(name="racy_test", probe=lambda: None, unsupported=lambda c: None, run=run,
+                              description=lambda: "fails in two threads at once"))
+    try:
+        clear_plans()
+        q, k, v = qkv()
+        seen = []
+        threads = [threading.Thread(target=lambda: (attention(q, k, v, backend="racy_test"),
+                                                    seen.append(last_backend()))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert seen == ["sdpa", "sdpa"]
+        (plan,) = [p for key, p in dispatch._plans.items() if key[0] == "racy_test"]
+        assert [b.name for b in plan.chain] == ["sdpa", "pytorch"]
+    finally:
+        registry.unregister("racy_test")
+        clear_plans()
+
+
+def test_out_of_memory_falls_back_for_that_call_only(genesis_log):
+    calls = []
+
+    def run(call):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return registry.get("pytorch").run(call)
+
+    registry.register(Backend(name="oom_test", probe=lambda: None, unsupported=lambda c: None, run=run,
+                              description=lambda: "out of memory once"))
+    try:
+        clear_plans()
+        q, k, v = qkv()
+        attention(q, k, v, backend="oom_test")
+        assert last_backend() == "sdpa"
+        assert any("this call only" in m for m in genesis_log)
+        out = attention(q, k, v, backend="oom_test")
+        assert last_backend() == "oom_test" and len(calls) == 2
+        assert torch.allclose(out.double(), reference_attention(q, k, v), atol=1e-5)
+    finally:
+        registry.unregister("oom_test")
+        clear_plans()
+
+
+def test_reprobe_forgets_plans():
+    from genesis_core.attention import dispatch
+
+    q, k, v = qkv()
+    attention(q, k, v, backend="pytorch")
+    assert dispatch._plans
+    registry.get("pytorch").reprobe()
+    assert not dispatch._plans

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, reference_attention
 
 from genesis_core import (
     AdaptiveAttentionSwitch,
@@ -102,9 +102,12 @@ def test_adaptive_switch_self_and_cross_attention_match_reference():
             out = sw.forward_with_type(t, x, ctx, ctx)
             assert last_backend() == t.value
             assert torch.allclose(out.double(), manual_cross(sw, x, ctx)[0], atol=1e-5)
-        q, k = torch.randn(1, 2, 7, 8), torch.randn(1, 2, 5, 8)
+        q, k = torch.randn(2, 2, 7, 8), torch.randn(2, 2, 5, 8)
         raw = sw.forward_with_type("pytorch", q, k, k)
-        assert raw.shape == (1, 2, 7, 8) and last_backend() == "pytorch"
+        assert raw.shape == (2, 2, 7, 8) and last_backend() == "pytorch"
+        keep = torch.tensor([[True, True, False, True, False], [True, False, True, True, True]])
+        masked = sw.forward_with_type("pytorch", q, k, k, mask=keep)  # [B, M] key padding, as in forward()
+        assert torch.allclose(masked.double(), reference_attention(q, k, k, keep[:, None, None, :]), atol=1e-5)
 
 
 def test_adaptive_switch_types_availability_and_strict():

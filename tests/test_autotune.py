@@ -111,7 +111,9 @@ def test_miss_measures_then_hits_memory_and_disk(tuner, monkeypatch):
     sig = calls[0]
     row = autotune.timings()[sig]
     assert row["chosen"] == dispatch.last_backend()
-    assert row["chosen"] in row and row[row["chosen"]] == min(v for n, v in row.items() if n not in ("chosen", "rejected"))
+    timed = {n: v for n, v in row.items() if n not in ("chosen", "rejected")}
+    assert row["chosen"] == autotune.prefer_default(timed, list(timed))
+    assert timed[row["chosen"]] <= min(timed.values()) * (1 + autotune.TIE_MARGIN)
     # Another exact shape in the same buckets: a memory hit, nothing measured.
     q2, k2, v2 = qkv(nq=30, nk=23)
     genesis_core.attention(q2, k2, v2)
@@ -402,3 +404,10 @@ def test_ties_go_to_the_default_order_and_clear_wins_to_the_winner():
     entry = {"ms": {"sdpa_cudnn": 1.0, "sdpa": 1.01}, "rejected": {"sdpa": "inaccurate"}}
     assert pick(entry, ["sdpa", "sdpa_cudnn"]) == "sdpa_cudnn"
     assert pick(entry, ["sdpa"]) is None
+
+
+def test_transient_rejections_do_not_make_a_signature_known():
+    entry = {"ms": {"sdpa": 1.0}, "rejected": {"sdpa_math": "not measured: tuning budget of 4000 ms spent",
+                                              "flash": "inaccurate: rel err 0.3 over 0.02"}}
+    assert not autotune._known(entry, ["sdpa", "sdpa_math", "flash"])
+    assert autotune._known(entry, ["sdpa", "flash"])

@@ -42,8 +42,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .._log import logger
+from .._log import first_line as _first_line, logger
 from . import autotune_cache, registry
+from .compile import is_compiling
 from .types import AttentionCall
 
 ENV_SWITCH = "GENESIS_AUTOTUNE"
@@ -228,7 +229,7 @@ def lookup(sig: str) -> Optional[dict]:
         return _entries.get(sig)
 
 
-_TRANSIENT = ("out of memory", "OutOfMemoryError")
+_TRANSIENT = ("out of memory", "OutOfMemoryError", "not measured:")
 
 
 def _remember(sig: str, entry: dict) -> None:
@@ -236,7 +237,7 @@ def _remember(sig: str, entry: dict) -> None:
     device may have been busy with something else; the next process measures again)."""
     with _lock:
         _entries[sig] = entry
-    if any(t in reason for reason in entry.get("rejected", {}).values() for t in _TRANSIENT):
+    if any(_transient(reason) for reason in entry.get("rejected", {}).values()):
         return
     _store(_kind(sig)).update({sig: entry})
 
@@ -427,9 +428,6 @@ class _Progress:
                 self.bar = None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 def measure(call: AttentionCall, names: Sequence[str], budget_ms: Optional[float] = None) -> dict:
@@ -560,15 +558,10 @@ def _check_one(name: str, call: AttentionCall, errors: dict, rejected: dict, ref
 # ---------------------------------------------------------------- the chooser
 
 
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
-
-
 def _should_measure(call: AttentionCall) -> bool:
     if not enabled_for(call.device):
         return False
-    if _is_compiling():
+    if is_compiling():
         return False
     if type(call.q).__name__ in ("FakeTensor", "FunctionalTensor"):
         return False
@@ -617,7 +610,16 @@ def _log_entry(sig: str, entry: dict) -> None:
 
 
 def _known(entry: Optional[dict], servable: Sequence[str]) -> bool:
-    return entry is not None and all(n in entry.get("ms", {}) or n in entry.get("rejected", {}) for n in servable)
+    """Whether every servable backend has a timing or a lasting rejection (a transient one, such as a
+    spent budget or a memory guard, does not count: that backend is measured again next time)."""
+    if entry is None:
+        return False
+    rejected = entry.get("rejected", {})
+    return all(n in entry.get("ms", {}) or (n in rejected and not _transient(rejected[n])) for n in servable)
+
+
+def _transient(reason: str) -> bool:
+    return any(t in reason for t in _TRANSIENT)
 
 
 def choose(call: AttentionCall, servable: List[str]) -> Optional[str]:

@@ -25,6 +25,15 @@ import torch.nn.functional as F
 
 from .types import AttentionType
 
+_compiler = getattr(torch, "compiler", None)
+if _compiler is not None and hasattr(_compiler, "is_compiling"):
+    is_compiling = _compiler.is_compiling
+else:  # torch < 2.3
+    def is_compiling() -> bool:
+        """Whether Dynamo is tracing the caller right now."""
+        dynamo = getattr(torch, "_dynamo", None)
+        return bool(dynamo is not None and hasattr(dynamo, "is_compiling") and dynamo.is_compiling())
+
 
 def _namespace() -> str:
     # ComfyUI may import this package under another name, next to a pip-installed copy: one

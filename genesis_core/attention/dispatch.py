@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
-from .._log import log_once, logger
+from .._log import first_line, log_once, logger
 from . import backends as _backends  # noqa: F401  (registers every backend)
 from . import registry
 from .types import LAYOUTS, AttentionCall, AttentionType
@@ -59,15 +59,13 @@ _auto_peek: Optional[Callable[[AttentionCall, List[str]], Optional[str]]] = None
 
 
 class _Plan:
-    __slots__ = ("chain", "layout", "mask_view", "signature", "skipped", "default_scale")
+    __slots__ = ("chain", "layout", "mask_view", "signature", "default_scale")
 
-    def __init__(self, chain: List[registry.Backend], layout: str, mask_view, signature: str, skipped,
-                 default_scale: float):
+    def __init__(self, chain: List[registry.Backend], layout: str, mask_view, signature: str, default_scale: float):
         self.chain = chain
         self.layout = layout
         self.mask_view = mask_view  # the shape the mask is viewed as (4-D), or None
         self.signature = signature
-        self.skipped = skipped
         self.default_scale = default_scale  # head_dim ** -0.5, used when the call gives no scale
 
 
@@ -150,6 +148,11 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
 
 
+def _check_scale(scale) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None; got {scale!r}")
+
+
 def _validate(q, k, v, mask, layout: str, scale) -> Optional[tuple]:
     """Check the call; return the 4-D shape the mask is viewed as (or None). Raises with a sentence."""
     if layout not in LAYOUTS:
@@ -182,8 +185,7 @@ def _validate(q, k, v, mask, layout: str, scale) -> Optional[tuple]:
     if hq % hk:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk}) for grouped-query attention")
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite number or None; got {scale!r}")
+        _check_scale(scale)
     if mask is None:
         return None
     _check_tensor("mask", mask)
@@ -267,13 +269,11 @@ def _plan(name: str, q, k, v, mask, layout: str, scale) -> _Plan:
     if not servable:  # cannot happen while `pytorch` serves every floating dtype, but say so if it does
         detail = "; ".join(f"{n}: {r}" for n, r in reasons)
         raise RuntimeError(f"no attention backend can serve this call ({detail})")
-    skipped = []
     for n, r in reasons:  # log what was passed over before the backend that will serve
         if r is None:
             break
-        skipped.append((n, r))
         log_once(("skip", n, r), f"attention backend '{n}' skipped: {r}; using '{servable[0].name}'")
-    return _Plan(servable, layout, mask_view, _signature(call, layout, name), skipped, q.shape[-1] ** -0.5)
+    return _Plan(servable, layout, mask_view, _signature(call, layout, name), q.shape[-1] ** -0.5)
 
 
 # ---------------------------------------------------------------- the call
@@ -298,7 +298,7 @@ def attention(
     Returns [B, Hq, Nq, Dv] (or [B, Nq, Hq, Dv]). Raises TypeError/ValueError naming the bad argument.
     Under ``torch.compile`` the call is traced as one opaque op (see :mod:`.compile`).
     """
-    if _is_compiling():
+    if _compile.is_compiling():
         return _compile.traced_attention(q, k, v, mask, backend, layout, scale)
     return eager_attention(q, k, v, mask, backend, layout, scale)
 
@@ -314,9 +314,13 @@ def eager_attention(q, k, v, mask, backend, layout, scale) -> torch.Tensor:
     if name == "auto":
         name = _tls.override or _default_backend
     try:
+        # Everything a backend's refusal or the autotuner's choice can depend on: shapes, strides (kernels
+        # need a contiguous last dim; the autotuner keys by memory layout), dtypes, devices, the mask's
+        # shape, and whether autograd will need a backward (SageAttention has none).
         key = (
-            name, layout, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-            None if mask is None else (mask.shape, mask.dtype, mask.device), scale is None,
+            name, layout, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
+            q.device, k.device, v.device, None if mask is None else (mask.shape, mask.dtype, mask.device),
+            scale is None, _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
         )
         plan = _plans.get(key)
     except AttributeError:  # a non-tensor argument: let validation say which
@@ -329,30 +333,39 @@ def eager_attention(q, k, v, mask, backend, layout, scale) -> torch.Tensor:
                     _plans.clear()
                 _plans[key] = plan
         _served[plan.signature] = plan.chain[0].name
+    elif scale is not None:  # the cached plan says nothing about this call's scale
+        _check_scale(scale)
     if layout == "BHND" and mask is None:  # the common case, without _make_call's branches
         call = AttentionCall(q, k, v, None, plan.default_scale if scale is None else float(scale))
     else:
         call = _make_call(q, k, v, mask, plan.default_scale if scale is None else scale, layout, plan.mask_view)
+    chain = plan.chain
+    i = 0
     while True:
-        b = plan.chain[0]
+        b = chain[i]
         try:
             out = b.run(call)
             break
         except Exception as exc:
-            if len(plan.chain) == 1:
+            if i == len(chain) - 1:
                 raise
-            plan.chain = plan.chain[1:]  # never try it again for this signature
-            nxt = plan.chain[0].name
-            _served[plan.signature] = nxt
-            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            log_once(("fail", b.name, type(exc).__name__, msg),
-                     f"attention backend '{b.name}' failed ({type(exc).__name__}: {msg}); "
-                     f"falling back to '{nxt}' for {plan.signature}")
+            i += 1
+            nxt = chain[i].name
+            transient = isinstance(exc, torch.cuda.OutOfMemoryError)
+            if not transient:
+                with _plans_lock:  # never try it again for this signature (other threads may have already)
+                    if plan.chain and plan.chain[0] is b:
+                        plan.chain = plan.chain[1:]
+                        _served[plan.signature] = plan.chain[0].name
+            log_once(("fail", b.name, first_line(exc, 300)),
+                     f"attention backend '{b.name}' failed ({first_line(exc, 300)}); falling back to '{nxt}' for "
+                     f"{plan.signature}" + (" (this call only: out of memory can pass)" if transient else ""))
     _tls.last = b.name
     return out.transpose(1, 2) if layout == "BNHD" else out
 
 
 _DIRECT = frozenset(registry.names())
+_grad_enabled = torch.is_grad_enabled
 _AUTO = AttentionType.AUTO
 
 
@@ -385,14 +398,6 @@ def backends_report() -> List[dict]:
 
 
 # ---------------------------------------------------------------- torch.compile and the autotuner
-
-_compiler = getattr(torch, "compiler", None)
-if _compiler is not None and hasattr(_compiler, "is_compiling"):
-    _is_compiling = _compiler.is_compiling
-else:  # torch < 2.3
-    def _is_compiling() -> bool:
-        dynamo = getattr(torch, "_dynamo", None)
-        return bool(dynamo is not None and hasattr(dynamo, "is_compiling") and dynamo.is_compiling())
 
 from . import compile as _compile  # noqa: E402  (the custom op calls back into eager_attention)
 from . import autotune as _autotune  # noqa: E402

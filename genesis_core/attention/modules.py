@@ -217,10 +217,13 @@ class AdaptiveAttentionSwitch(_Projected):
         """Run one call with ``attention_type`` without changing the switch's setting.
 
         3-D token tensors ([B, N, E], [B, M, C], [B, M, C]) go through this module's projections;
-        4-D per-head tensors ([B, H, N, D], BHND) go straight to the attention kernel.
+        4-D per-head tensors ([B, H, N, D], BHND) go straight to the attention kernel. In both, ``mask``
+        is [B, M] key padding, [B, N, M] or [B, H, N, M], as in :meth:`forward`.
         """
         name = backend_name(attention_type)
         if isinstance(query, torch.Tensor) and query.dim() == 4:
+            if isinstance(key, torch.Tensor) and key.dim() == 4:  # masks mean what they mean in forward()
+                mask = _key_mask(mask, query.shape[0], query.shape[2], key.shape[2])
             return attention(query, key, value, mask, backend=name)
         return self._attend(query, key, value, mask, name)
 

@@ -60,6 +60,9 @@ class Backend:
         with self._lock:
             self._probed = False
             self._reason = None
+        from .dispatch import clear_plans  # plans hold what the old probe allowed
+
+        clear_plans()
 
 
 _REGISTRY: Dict[str, Backend] = {}

@@ -48,10 +48,16 @@ def additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[
     return mask.to(dtype)
 
 
-def describe_call_device(call: AttentionCall) -> Optional[str]:
-    """Reason when the call is not on a CUDA device (the GPU-only kernels share this check)."""
-    if call.device.type != "cuda":
-        return f"needs CUDA tensors; got device {call.device}"
+def flash_shape_limits(call: AttentionCall) -> Optional[str]:
+    """What every FlashAttention kernel refuses: a mask, dtypes other than fp16/bf16, head_dim over 256
+    or different q/k/v head dims."""
+    if call.mask is not None:
+        return "FlashAttention takes no arbitrary mask; a mask was given"
+    reason = need_half(call)
+    if reason:
+        return reason
+    if call.head_dim > 256 or call.v_head_dim != call.head_dim:
+        return f"head_dim {call.head_dim} (v {call.v_head_dim}) not supported: needs equal q/k/v head_dim <= 256"
     return None
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ..registry import Backend, get, register
 from ..types import AttentionCall
-from ._common import module_present, need_half, package_version
+from ._common import flash_shape_limits, module_present, package_version
 from .sdpa import sdpa_kernel
 
 # (label, module to import, attribute, distribution name for the version)
@@ -33,6 +33,8 @@ _notes: list = []
 def _probe_packages() -> None:
     """Find the newest installed FlashAttention package whose kernel really runs (CUDA only)."""
     global _impl
+    _impl = None
+    _notes.clear()
     for label, mod, attr, dist in _CANDIDATES:
         if not module_present(mod.split(".")[0]) or not module_present(mod):
             continue
@@ -71,13 +73,9 @@ def _probe() -> Optional[str]:
 def _unsupported(call: AttentionCall) -> Optional[str]:
     if _impl is None:
         return get("sdpa_flash").unsupported(call)
-    if call.mask is not None:
-        return "FlashAttention takes no arbitrary mask; a mask was given"
-    reason = need_half(call)
+    reason = flash_shape_limits(call)
     if reason:
         return reason
-    if call.head_dim > 256 or call.v_head_dim != call.head_dim:
-        return f"head_dim {call.head_dim} (v {call.v_head_dim}) not supported: needs equal q/k/v head_dim <= 256"
     if call.device.type != "cuda":
         return f"{_impl[0]} needs CUDA tensors; got device {call.device}"
     return None

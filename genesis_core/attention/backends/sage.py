@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from ..._log import first_line
 from ..registry import Backend, register
 from ..types import AttentionCall
 from ._common import module_present, need_half, package_version
@@ -56,8 +57,7 @@ def _probe() -> Optional[str]:
         if not torch.isfinite(out).all():
             return "probe call returned non-finite values"
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return f"probe call failed: {type(exc).__name__}: {first}"
+        return f"probe call failed: {first_line(exc)}"
     _sageattn = fn
     return None
 
@@ -75,6 +75,8 @@ def _unsupported(call: AttentionCall) -> Optional[str]:
     if _major() == 1 and call.kv_len % KEY_BLOCK_1X:
         return (f"key length {call.kv_len} is not a multiple of {KEY_BLOCK_1X}: SageAttention 1.x returns "
                 "up to 27% relative error there (measured on H100)")
+    if torch.is_grad_enabled() and (call.q.requires_grad or call.k.requires_grad or call.v.requires_grad):
+        return "SageAttention has no backward pass and inputs require grad (use it under torch.no_grad())"
     if call.device.type != "cuda":
         return f"SageAttention needs CUDA tensors; got device {call.device}"
     return None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..registry import Backend, register
 from ..types import AttentionCall
-from ._common import HALF_DTYPES, expand_kv, need_half
+from ._common import HALF_DTYPES, expand_kv, flash_shape_limits, need_half
 
 _TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 SDPA_GQA = _TORCH >= (2, 5)  # enable_gqa= exists from torch 2.5
@@ -59,11 +59,9 @@ def _flash_limits(call: AttentionCall) -> Optional[str]:
     if call.mask is not None:
         return "FlashAttention takes no arbitrary mask; a mask was given"
     if call.device.type == "cuda":
-        reason = need_half(call)
+        reason = flash_shape_limits(call)
         if reason:
             return reason
-        if call.head_dim > 256 or call.v_head_dim != call.head_dim:
-            return f"head_dim {call.head_dim} (v {call.v_head_dim}) not supported: needs equal q/k/v head_dim <= 256"
         major, _ = torch.cuda.get_device_capability(call.device)
         if major < 8:
             return f"FlashAttention needs compute capability >= 8.0; device has {major}.x"
@@ -92,6 +90,10 @@ def _cudnn_limits(call: AttentionCall) -> Optional[str]:
         return f"cuDNN attention needs compute capability >= 8.0; device has {major}.x"
     return None
 
+
+# PyTorch's enable_gqa is served by its flash and math kernels only (seen on torch 2.11, H100):
+# the efficient and cuDNN kernels get k/v with their heads repeated instead.
+NATIVE_GQA_KERNELS = ("FLASH_ATTENTION", "MATH")
 
 _CHECKERS = {
     "FLASH_ATTENTION": "can_use_flash_attention",
@@ -131,9 +133,7 @@ def torch_refusal(kernel_name: str, call: AttentionCall, native_gqa: bool) -> Op
 
 def _pinned(kernel_name: str) -> Callable[[AttentionCall], torch.Tensor]:
     kernel = getattr(SDPBackend, kernel_name)
-    # PyTorch's enable_gqa is served by its flash and math kernels only (seen on torch 2.11, H100):
-    # the efficient and cuDNN kernels get k/v with their heads repeated instead.
-    native_gqa = kernel_name in ("FLASH_ATTENTION", "MATH")
+    native_gqa = kernel_name in NATIVE_GQA_KERNELS
 
     def run(call: AttentionCall) -> torch.Tensor:
         with sdpa_kernel(kernel):
@@ -177,7 +177,7 @@ def _pinned_probe(cuda_only: bool = False) -> Optional[str]:
 
 
 def _with_torch_check(kernel_name: str, limits: Callable[[AttentionCall], Optional[str]]):
-    native_gqa = kernel_name in ("FLASH_ATTENTION", "MATH")
+    native_gqa = kernel_name in NATIVE_GQA_KERNELS
 
     def unsupported(call: AttentionCall) -> Optional[str]:
         return limits(call) or torch_refusal(kernel_name, call, native_gqa)

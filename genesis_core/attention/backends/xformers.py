@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ..._log import first_line
 from ..registry import Backend, register
 from ..types import AttentionCall
 from ._common import additive_mask, expand_kv, module_present, package_version
@@ -44,8 +45,7 @@ def _probe() -> Optional[str]:
             except Exception:
                 built = f" (running torch {torch.__version__})"
             return "xformers C++ extension not built for this torch" + built
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"probe call failed: {type(exc).__name__}: {first}"
+        return f"probe call failed: {first_line(exc)}"
     _ops = ops
     return None
 
