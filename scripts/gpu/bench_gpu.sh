@@ -81,6 +81,7 @@ for s in d.get("summary", []):
     ratio, choice = s.get("auto_vs_fastest"), s.get("choice_vs_fastest")
     print(f"{s['shape']:<18} {s['fastest_correct'] or '-':<16} {s['fastest_ms'] or 0:8.3f} {best.get('tflops') or 0:8.1f} | "
           f"{s['auto_backend'] or '-':<15} {s['auto_ms'] or 0:8.3f} {((ratio or 0) - 1) * 100:+7.1f}% {((choice or 0) - 1) * 100:+7.1f}%"
+          + (f"  (Genesis over its kernel, timed alternately: {(s['auto_over_kernel'] - 1) * 100:+.1f}%)" if s.get("auto_over_kernel") else "")
           + (f"   rejected: {s['rejected']}" if s["rejected"] else ""))
     if not s["auto_correct"]:
         print(f"FAIL {s['shape']}: AUTO output over tolerance"); bad = 1
