@@ -303,16 +303,20 @@ def attention(
     return eager_attention(q, k, v, mask, backend, layout, scale)
 
 
-def eager_attention(q, k, v, mask, backend, layout, scale) -> torch.Tensor:
-    """``attention`` without the torch.compile check (positional arguments; the custom op's body)."""
+def _effective_name(backend: BackendArg) -> str:
+    """The registry name a call resolves to: ``auto`` becomes this thread's override or the default."""
     if backend is _AUTO:
         name = "auto"
     elif backend.__class__ is str and backend in _DIRECT:
         name = backend
     else:
         name = backend_name(backend)
-    if name == "auto":
-        name = _tls.override or _default_backend
+    return (_tls.override or _default_backend) if name == "auto" else name
+
+
+def eager_attention(q, k, v, mask, backend, layout, scale) -> torch.Tensor:
+    """``attention`` without the torch.compile check (positional arguments; the custom op's body)."""
+    name = _effective_name(backend)
     try:
         # Everything a backend's refusal or the autotuner's choice can depend on: shapes, strides (kernels
         # need a contiguous last dim; the autotuner keys by memory layout), dtypes, devices, the mask's
@@ -383,9 +387,7 @@ def explain(
 
     Runs no kernel (availability probes aside). The first entry whose ``reason`` is None is what runs.
     """
-    name = backend_name(backend)
-    if name == "auto":
-        name = _tls.override or _default_backend
+    name = _effective_name(backend)
     mask_view = _validate(q, k, v, mask, layout, scale)
     call = _make_call(q, k, v, mask, scale, layout, mask_view)
     _, reasons = _resolve(name, call, measure=False)
