@@ -14,8 +14,11 @@ Tracing bakes Python control flow and non-tensor arguments into the graph, which
 the cache key; its TracerWarnings are logged once.
 
 The graph is exported in the module's current mode (``TrainingMode.PRESERVE``): ONNX computes what ``fn``
-computes now. Weights are constants of the graph, so a changed weight (in place or re-pointed) gives a new
-export rather than stale numbers.
+computes now. Weights, and any other tensor ``fn`` can reach (closure cells, defaults, attributes of
+captured objects, globals; see :func:`~genesis_core.compute.placement.reach`), are constants of the graph,
+so the in-memory key fingerprints them (identity, version counter, data pointer, shape, dtype): a tensor
+changed in place or an attribute re-pointed to a new tensor gives a new export rather than stale numbers.
+What the walk cannot key (too deep, tensors without a storage pointer) is logged once as baked in.
 
 I/O. Inputs are bound by pointer (``IOBinding``) from contiguous torch tensors on the runner's device, and
 outputs are written straight into preallocated torch tensors (their shapes are known from the trace), so
@@ -24,11 +27,13 @@ numpy.
 
 Disk cache (opt-in, ``cache_dir=``): ``<cache_dir>/<name>-<sha256>.onnx`` plus a JSON sidecar describing the
 outputs; the hash covers fn's code, the classes and architecture of captured models, the *contents* of their
-weights, simple captured constants, the input signature, opset, exporter and torch version. State hidden
-in other captured objects is not covered: clear the folder when such state changes.
+weights and of every other reachable tensor, simple captured constants (closure cells, defaults, partial
+arguments), the input signature, opset, exporter and torch version. Non-tensor state hidden in other
+captured objects is not covered: clear the folder when such state changes.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import io
@@ -47,7 +52,7 @@ import torch.nn as nn
 
 from .._log import log_once, logger
 from ._tree import Slot, flatten, unflatten
-from .placement import ReplicaCache, ReplicaMode, callable_key, reachable_modules, weights_fingerprint
+from .placement import ReplicaCache, ReplicaMode, callable_key, reach, tensor_fingerprint, weights_fingerprint
 
 EXPORTERS = ("torchscript", "dynamo", "auto")
 
@@ -123,12 +128,42 @@ def _hash_code(h: "hashlib._Hash", code: types.CodeType) -> None:
             h.update(repr(const).encode())
 
 
-def _disk_key(fn: Any, modules: List[nn.Module], signature: Any, extra: Tuple[Any, ...]) -> Tuple[str, str]:
-    """``(readable name, sha256 hex)`` that is stable across processes."""
+def _hash_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
+    h.update(str((tuple(t.shape), t.dtype)).encode())
+    try:
+        data = t.detach().to("cpu").contiguous()
+        if data.dtype == torch.bfloat16:
+            data = data.view(torch.int16)
+        h.update(data.numpy().tobytes())
+    except Exception as exc:  # noqa: BLE001 - sparse/nested/subclass tensors: type and shape only (logged)
+        h.update(f"unreadable:{type(t).__qualname__}:{type(exc).__name__}".encode())
+
+
+def _hash_captured(h: "hashlib._Hash", value: Any) -> None:
+    """Simple constants by value; anything else by type (its tensors are hashed by content elsewhere)."""
+    if value is None or isinstance(value, (bool, int, float, str, tuple)):
+        h.update(repr(value).encode())
+    elif isinstance(value, torch.Tensor):
+        _hash_tensor(h, value)
+    else:
+        h.update(type(value).__qualname__.encode())
+
+
+def _disk_key(fn: Any, modules: List[nn.Module], signature: Any, extra: Tuple[Any, ...],
+              tensors: Sequence[torch.Tensor] = ()) -> Tuple[str, str]:
+    """``(readable name, sha256 hex)`` that is stable across processes.
+
+    Covers fn's code, what its closure cells, defaults and partial arguments hold (constants by value,
+    other objects by type), the captured models (class, architecture, forward code, mode, weight contents),
+    the contents of every other reachable tensor (``tensors``, in walk order), the signature and ``extra``.
+    """
     h = hashlib.sha256()
     target = fn.forward if isinstance(fn, nn.Module) else fn
-    inner = getattr(target, "__func__", target)
-    inner = getattr(inner, "func", inner)  # functools.partial
+    partial_parts: List[Any] = []
+    if isinstance(target, functools.partial):
+        partial_parts = list(target.args) + sorted((target.keywords or {}).items())
+        target = target.func
+    inner = getattr(target, "__func__", target)  # bound method
     name = getattr(inner, "__qualname__", type(fn).__name__)
     h.update(f"{getattr(inner, '__module__', '')}.{name}".encode())
     code = getattr(inner, "__code__", None)
@@ -139,10 +174,16 @@ def _disk_key(fn: Any, modules: List[nn.Module], signature: Any, extra: Tuple[An
             value = cell.cell_contents
         except ValueError:
             continue
-        if value is None or isinstance(value, (bool, int, float, str, tuple)):
-            h.update(repr(value).encode())
-        else:
-            h.update(type(value).__qualname__.encode())
+        _hash_captured(h, value)
+    h.update(b"defaults")
+    for value in getattr(inner, "__defaults__", None) or ():
+        _hash_captured(h, value)
+    for kw, value in sorted((getattr(inner, "__kwdefaults__", None) or {}).items()):
+        h.update(kw.encode())
+        _hash_captured(h, value)
+    h.update(b"partial")
+    for value in partial_parts:
+        _hash_captured(h, value)
     for m in modules:
         h.update(f"{type(m).__module__}.{type(m).__qualname__}".encode())
         h.update(repr(m).encode())
@@ -152,11 +193,10 @@ def _disk_key(fn: Any, modules: List[nn.Module], signature: Any, extra: Tuple[An
         h.update(str(m.training).encode())
         for pname, t in list(m.named_parameters()) + list(m.named_buffers()):
             h.update(pname.encode())
-            h.update(str((tuple(t.shape), t.dtype)).encode())
-            data = t.detach().to("cpu").contiguous()
-            if data.dtype == torch.bfloat16:
-                data = data.view(torch.int16)
-            h.update(data.numpy().tobytes())
+            _hash_tensor(h, t)
+    h.update(b"tensors")
+    for t in tensors:
+        _hash_tensor(h, t)
     h.update(repr(signature).encode())
     h.update(repr(extra).encode())
     h.update(torch.__version__.encode())
@@ -290,11 +330,19 @@ class OnnxRunner:
 
     # -- sessions -----------------------------------------------------------------------------------
     def compiled_for(self, fn: Any, flat: List[torch.Tensor], template: Any) -> _Compiled:
-        """The cached session for this call signature, exporting on a miss."""
+        """The cached session for this call signature, exporting on a miss.
+
+        The key holds fn's identity, the input signature, the captured models' weights fingerprint and a
+        fingerprint of every other tensor fn can reach (closure cells, defaults, attributes of captured
+        objects, globals): tracing bakes those into the graph as constants, so modifying one in place or
+        re-pointing an attribute to a new tensor must give a new export, not the old numbers.
+        """
         fkey, keep = callable_key(fn)
-        modules = reachable_modules(fn)
+        found = reach(fn)
+        modules = found.modules
+        tensors_fp, unkeyable = tensor_fingerprint(found.tensors)
         signature = (tuple((tuple(t.shape), t.dtype) for t in flat), _template_key(template))
-        key = (fkey, signature, weights_fingerprint(modules))
+        key = (fkey, signature, weights_fingerprint(modules), tensors_fp)
         with self._lock:
             hit = self._sessions.get(key)
             if hit is not None:
@@ -307,8 +355,21 @@ class OnnxRunner:
                 if hit is not None:
                     self.stats.session_hits += 1
                     return hit
-            compiled = self._load_or_export(fn, modules, flat, template, signature)
-            compiled.keepalive = keep
+            label = name_of(fn)
+            for what in unkeyable:
+                log_once(("onnx-unkeyed-tensor", label, what),
+                         f"ONNX export of {label}: a captured tensor ({what}) cannot be fingerprinted; its current "
+                         f"value is baked into the exported graph and later changes to it are not seen "
+                         f"(runner.clear() forces a new export)")
+            for what in found.unkeyed:
+                log_once(("onnx-unkeyed", label, what),
+                         f"ONNX export of {label}: the cache key does not look into {what}; tensors there are baked "
+                         f"into the exported graph and later changes to them are not seen (runner.clear() forces "
+                         f"a new export)", level=20)
+            compiled = self._load_or_export(fn, modules, flat, template, signature, found.tensors)
+            # the key holds ids: keep those objects (and the reachable tensors) alive while the entry lives,
+            # so a new object cannot reuse an id and hit a stale session
+            compiled.keepalive = keep + tuple(found.tensors)
             with self._lock:
                 self._sessions[key] = compiled
                 while len(self._sessions) > self.max_sessions:
@@ -337,10 +398,10 @@ class OnnxRunner:
         return session
 
     def _load_or_export(self, fn: Any, modules: List[nn.Module], flat: List[torch.Tensor], template: Any,
-                        signature: Any) -> _Compiled:
+                        signature: Any, tensors: Sequence[torch.Tensor] = ()) -> _Compiled:
         paths = None
         if self.cache_dir is not None:
-            name, digest = _disk_key(fn, modules, signature, (self.opset_version, self.exporter))
+            name, digest = _disk_key(fn, modules, signature, (self.opset_version, self.exporter), tensors)
             base = os.path.join(self.cache_dir, f"{name}-{digest[:24]}")
             paths = (base + ".onnx", base + ".json")
             if os.path.exists(paths[0]) and os.path.exists(paths[1]):

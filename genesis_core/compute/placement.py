@@ -10,6 +10,8 @@ How Genesis does it, and why:
    ``nn.Module``, a bound method's ``self``, closure cells, defaults, ``functools.partial`` arguments, the
    globals its code names (including nested lambdas/comprehensions), and - a few levels down - attributes
    of plain objects and items of lists/dicts. Modules are not walked into (a module carries its children).
+   The same walk (:func:`reach`) also collects the plain tensors it passes (and plain tensor attributes of
+   the found modules' submodules): the ONNX session cache keys on them, since tracing bakes them in.
 2. **Replicas, once per device, on first use.** A parameter or buffer of a discovered module that lives
    on another device is copied to the target device the first time ``fn`` uses it, and cached (keyed
    weakly by module, per device): a reachable model ``fn`` never touches costs nothing. A cached replica is
@@ -38,7 +40,8 @@ import functools
 import threading
 import types
 import weakref
-from typing import Any, Dict, Iterable, List
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -61,16 +64,40 @@ def _code_names(code: types.CodeType) -> List[str]:
     return names
 
 
-def reachable_modules(fn: Any) -> List[nn.Module]:
-    """The ``nn.Module`` objects ``fn`` can reach (see the module docstring), outermost first, no duplicates."""
+@dataclass
+class Reach:
+    """What :func:`reach` found behind a callable.
+
+    ``modules``: the ``nn.Module`` objects, outermost first. ``tensors``: plain tensors reachable outside
+    module parameters and buffers (closure cells, defaults, attributes of captured objects, globals,
+    tensor attributes of the found modules' submodules), in a stable walk order. ``unkeyed``: short notes on
+    what the walk could not see into (too deep, too many objects); state there is invisible to caches.
+    """
+
+    modules: List[nn.Module] = field(default_factory=list)
+    tensors: List[torch.Tensor] = field(default_factory=list)
+    unkeyed: List[str] = field(default_factory=list)
+
+
+def reach(fn: Any, tensors: bool = True) -> Reach:
+    """Walk what ``fn`` can reach (see the module docstring); modules are not walked into, but with
+    ``tensors`` their submodules' plain tensor attributes (not parameters/buffers) are collected."""
     found: Dict[int, nn.Module] = {}
+    plain: Dict[int, torch.Tensor] = {}
+    notes: List[str] = []
     seen: set = set()
     budget = [MAX_VISITS]
 
     def visit(obj: Any, depth: int, home: str = "") -> None:
+        if isinstance(obj, torch.Tensor):
+            if tensors:
+                plain.setdefault(id(obj), obj)
+            return
         if isinstance(obj, _SKIP_TYPES) or id(obj) in seen or getattr(type(obj), "_genesis_opaque", False):
             return
         if budget[0] <= 0:
+            if not any(n.startswith("stopped after") for n in notes):
+                notes.append(f"stopped after {MAX_VISITS} objects")
             log_once(("placement-budget", home), f"stopped looking for models captured by {home or 'fn'} after "
                                                  f"{MAX_VISITS} objects; use executor.place(module, backend)")
             return
@@ -80,6 +107,11 @@ def reachable_modules(fn: Any) -> List[nn.Module]:
             found.setdefault(id(obj), obj)
             return
         if depth > MAX_DEPTH:
+            if tensors and (isinstance(obj, (list, tuple, dict, set, frozenset))
+                            or isinstance(getattr(obj, "__dict__", None), dict)):
+                note = f"objects nested more than {MAX_DEPTH} levels deep (first: {type(obj).__name__})"
+                if not any(n.startswith("objects nested") for n in notes):
+                    notes.append(note)
             return
         if isinstance(obj, functools.partial):
             visit(obj.func, depth, home)
@@ -121,7 +153,32 @@ def reachable_modules(fn: Any) -> List[nn.Module]:
                     visit(x, depth + 1, home)
 
     visit(fn, 0)
-    return list(found.values())
+    modules = list(found.values())
+    if tensors:
+        for m in modules:
+            for sub in m.modules():  # plain tensor attributes (caches, masks) live in the instance dict
+                for value in vars(sub).values():
+                    if isinstance(value, torch.Tensor):
+                        plain.setdefault(id(value), value)
+    return Reach(modules, list(plain.values()), notes)
+
+
+def reachable_modules(fn: Any) -> List[nn.Module]:
+    """The ``nn.Module`` objects ``fn`` can reach (see the module docstring), outermost first, no duplicates."""
+    return reach(fn, tensors=False).modules
+
+
+def tensor_fingerprint(tensors: Iterable[torch.Tensor]) -> Tuple[tuple, List[str]]:
+    """``(fingerprint, problems)``: per tensor ``(id, version, data pointer, shape, dtype)``, which changes when
+    the tensor is modified in place or re-pointed; ``problems`` names tensors that cannot be fingerprinted
+    (no storage pointer: sparse, nested or some subclasses) - those are left out of the fingerprint."""
+    out, problems = [], []
+    for t in tensors:
+        try:
+            out.append((id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype))
+        except Exception as exc:  # noqa: BLE001 - any tensor kind without a plain storage
+            problems.append(f"{type(t).__name__} {tuple(t.shape)} ({type(exc).__name__})")
+    return tuple(out), problems
 
 
 def _module_tensors(module: nn.Module) -> List[torch.Tensor]:
