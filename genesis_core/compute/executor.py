@@ -144,6 +144,8 @@ class HeterogeneousExecutor:
     """
 
     _genesis_opaque = True  # model discovery does not search the executor (a node may hold one)
+    SPLIT_MARGIN = 0.10  # a split "loses" when slower than the best single worker's prediction by more than this
+    SPLIT_LOSSES = 2  # consecutive losing splits before a key runs on that worker alone
 
     def __init__(self) -> None:
         self._workers: Dict[str, Worker] = {}
@@ -151,9 +153,17 @@ class HeterogeneousExecutor:
         self._replicas = ReplicaCache()
         self._calibration: Dict[Any, Dict[str, List[float]]] = {}
         self._calibration_keep: Dict[Any, Any] = {}
+        # Guards the calibration dicts only; never held while user code runs (a fn may itself split).
         self._calibration_lock = threading.Lock()
-        # Calibration key -> worker name that runs the whole batch alone, set when a real split ran
-        # slower than that worker was predicted to run everything (contention the solo fits miss).
+        # Calibration key -> Event set when the thread measuring that key is done (others wait on it),
+        # and the measuring thread's id (a nested call with the same key from it must not wait on itself).
+        self._calibrating: Dict[Any, Tuple[threading.Event, int]] = {}
+        self._calibration_generation = 0  # bumped by clear_calibration(): measurements started before are dropped
+        # Calibration key -> the fits as measured, each worker alone (the refined ones drift under contention).
+        self._solo: Dict[Any, Dict[str, Tuple[float, float]]] = {}
+        # Calibration key -> consecutive real splits that lost to the best single worker (see
+        # _check_split_paid_off), and the worker that runs the whole batch alone once they reach SPLIT_LOSSES.
+        self._losses: Dict[Any, int] = {}
         self._single: Dict[Any, str] = {}
 
     # -- registration -------------------------------------------------------------------------------
@@ -495,7 +505,10 @@ class HeterogeneousExecutor:
         with self._calibration_lock:
             self._calibration.clear()
             self._calibration_keep.clear()
+            self._solo.clear()
+            self._losses.clear()
             self._single.clear()
+            self._calibration_generation += 1
 
     def _split_workers(self, backends: Optional[Sequence[BackendLike]]) -> List[Worker]:
         if backends is None:
@@ -547,19 +560,45 @@ class HeterogeneousExecutor:
         if not calibrate:
             return plan_shares(total, [(0.0, 1.0)] * len(workers))
         key, keep = self._calibration_key(fn, args, workers, dim)
-        with self._calibration_lock:
-            single = self._single.get(key)
-            if single is not None:
-                return [total if w.name == single else 0 for w in workers]
-            models = self._calibration.get(key)
-            if models is None:
-                models = {w.name: self._measure(fn, args, total, w, dim) for w in workers}
+        me = threading.get_ident()
+        while True:
+            with self._calibration_lock:
+                single = self._single.get(key)
+                if single is not None:
+                    return [total if w.name == single else 0 for w in workers]
+                models = self._calibration.get(key)
+                if models is not None:
+                    snapshot = [tuple(models[w.name]) for w in workers]
+                    return plan_shares(total, snapshot)
+                busy = self._calibrating.get(key)
+                if busy is None:
+                    done = threading.Event()
+                    self._calibrating[key] = (done, me)
+                    generation = self._calibration_generation
+                    break
+            event, owner = busy
+            if owner == me:  # fn splits itself with the same key while being measured: no fit yet
+                return plan_shares(total, [(0.0, 1.0)] * len(workers))
+            event.wait()  # another thread is measuring this key; then read its result (or measure if it failed)
+        # Measure outside the lock: user code runs here, and it may call split_execute itself.
+        try:
+            models = {w.name: self._measure(fn, args, total, w, dim) for w in workers}
+        except BaseException:
+            with self._calibration_lock:
+                self._calibrating.pop(key, None)
+            done.set()  # waiters wake up, find no fit and measure themselves
+            raise
+        with self._calibration_lock:  # publish the fit and retire the marker together: waiters see one or the other
+            if self._calibration_generation == generation:  # clear_calibration() meanwhile: do not store
                 self._calibration[key] = models
                 self._calibration_keep[key] = keep
-                logger.debug("split calibration %s", {k: (round(a * 1e3, 3), round(b * 1e6, 3))
-                                                      for k, (a, b) in models.items()})
-            snapshot = [tuple(models[w.name]) for w in workers]
-        return plan_shares(total, snapshot)
+                self._solo[key] = {name: (a, b) for name, (a, b) in models.items()}
+            self._calibrating.pop(key, None)
+            models = {name: list(ab) for name, ab in models.items()}  # refinements by others never touch ours
+        done.set()
+        logger.debug("split calibration %s", {k: (round(a * 1e3, 3), round(b * 1e6, 3))
+                                              for k, (a, b) in models.items()})
+        return plan_shares(total, [tuple(models[w.name]) for w in workers])
 
     def _measure(self, fn: Callable[..., Any], args: Tuple[Any, ...], total: int, worker: Worker, dim: int
                  ) -> List[float]:
@@ -584,21 +623,38 @@ class HeterogeneousExecutor:
 
     def _check_split_paid_off(self, fn: Callable[..., Any], args: Tuple[Any, ...], workers: List[Worker], dim: int,
                               total: int, wall: float) -> None:
-        """After a real split: if it took longer than the best single worker's own fit for the whole batch,
-        later calls with this key run on that worker alone (the fits are made one worker at a time, so
-        they miss contention, e.g. CPU kernels starving the thread that feeds a GPU). Logged once."""
+        """After a real split: did it beat the best single worker?
+
+        The reference is each worker's fit as measured alone (not the refined one, which absorbs contention)
+        for the whole batch. The fits are made one worker at a time, so they miss contention (a CPU kernel
+        starving the thread that feeds a GPU) - but the split's wall time also holds costs a solo fit does
+        not (thread start-up, result copies) and one run can be slow for unrelated reasons. So a split
+        *loses* only when its wall time exceeds the best solo prediction by more than ``SPLIT_MARGIN``, and
+        only ``SPLIT_LOSSES`` consecutive losses pin the key to that worker (a win resets the count).
+        The pin lasts until :meth:`clear_calibration`; logged once.
+        """
         key, _ = self._calibration_key(fn, args, workers, dim)
         with self._calibration_lock:
-            models = self._calibration.get(key)
-            if models is None:
+            solo_fits = self._solo.get(key)
+            if solo_fits is None or key in self._single:
                 return
-            solo = {w.name: models[w.name][0] + models[w.name][1] * total for w in workers}
+            solo = {w.name: solo_fits[w.name][0] + solo_fits[w.name][1] * total for w in workers}
             best = min(solo, key=solo.get)
-            if wall > solo[best]:
-                self._single[key] = best
-                log_once(("split-single", key[0], key[2]),
-                         f"split over {', '.join(solo)} took {wall * 1e3:.2f} ms, more than '{best}' alone is "
-                         f"predicted to take ({solo[best] * 1e3:.2f} ms): later calls like this run on '{best}' only")
+            if wall <= solo[best] * (1.0 + self.SPLIT_MARGIN):
+                self._losses.pop(key, None)
+                return
+            losses = self._losses.get(key, 0) + 1
+            self._losses[key] = losses
+            if losses < self.SPLIT_LOSSES:
+                logger.debug("split over %s took %.2f ms, more than '%s' alone is predicted to take (%.2f ms); "
+                             "loss %d of %d", ", ".join(solo), wall * 1e3, best, solo[best] * 1e3, losses,
+                             self.SPLIT_LOSSES)
+                return
+            self._single[key] = best
+            log_once(("split-single", key[0], key[2]),
+                     f"split over {', '.join(solo)} took {wall * 1e3:.2f} ms, more than '{best}' alone is "
+                     f"predicted to take ({solo[best] * 1e3:.2f} ms), {losses} runs in a row: later calls like "
+                     f"this run on '{best}' only (clear_calibration() measures again)")
 
     def _refine(self, fn: Callable[..., Any], args: Tuple[Any, ...], workers: List[Worker], dim: int,
                 observed: List[Tuple[Worker, int, float]]) -> None:
