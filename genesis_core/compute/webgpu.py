@@ -11,11 +11,23 @@ Two WebGPU routes exist and Genesis uses both where they work:
   path testable and usable inside functions run by the executor.
 
 ``wgpu`` is imported only when :func:`probe_adapter` or the kernel is called.
+
+Headless Linux. Mesa's Vulkan device-select layer (``VkLayer_MESA_device_select``, installed with
+mesa-vulkan-drivers) connects to Wayland when a Vulkan instance is created, and libwayland prints
+``error: XDG_RUNTIME_DIR is invalid or not set in the environment.`` to stderr - twice per probe - when no
+session exists. The layer only picks a default GPU for a display, which a headless process has none of, so
+on Linux without a valid ``XDG_RUNTIME_DIR`` the probe creates wgpu's instance with ``NODEVICE_SELECT=1``
+(the layer's own off switch; restored right after, and never overriding a value the user set). Restricting
+wgpu-native to its Vulkan backend (``set_instance_extras(backends=["Vulkan"])``) does *not* silence it
+(tested here: the message comes from the Vulkan side, not the GL backend) and would lose the GL fallback.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
+import os
+import sys
 import threading
 from typing import Any, Dict, Optional, Tuple
 
@@ -63,6 +75,22 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
 """
 
 
+@contextlib.contextmanager
+def _quiet_headless_vulkan():
+    """On headless Linux, create the Vulkan instance without Mesa's device-select layer (see the module
+    docstring); elsewhere, or when the user set ``NODEVICE_SELECT`` themselves, change nothing."""
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    headless = not runtime_dir or not os.path.isdir(runtime_dir)
+    if not sys.platform.startswith("linux") or not headless or "NODEVICE_SELECT" in os.environ:
+        yield
+        return
+    os.environ["NODEVICE_SELECT"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("NODEVICE_SELECT", None)
+
+
 def probe_adapter(refresh: bool = False) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
     """Request a wgpu adapter and device; return ``(adapter_info, None)`` or ``(None, reason)``.
 
@@ -79,7 +107,8 @@ def probe_adapter(refresh: bool = False) -> Tuple[Optional[Dict[str, Any]], Opti
             try:
                 import wgpu
 
-                adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
+                with _quiet_headless_vulkan():  # wgpu creates its (process-wide) instance on the first request
+                    adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
                 if adapter is None:
                     reason = "wgpu found no adapter (no Vulkan/Metal/D3D12 driver; try mesa-vulkan-drivers)"
                 else:
