@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._device import synchronize
 from ._log import first_line
 from .attention import autotune, dispatch, registry
 from .attention.types import AttentionCall
@@ -235,7 +236,7 @@ def bench_attention(shapes: List[Shape], names: List[str], include_auto: bool, d
             try:
                 with torch.no_grad():
                     out = fn()  # the first AUTO call measures (autotuner); kept out of the timings
-                    autotune.synchronize(device)
+                    synchronize(device)
                     if name == "auto":
                         row["note"] = f"chose {dispatch.last_backend()}"
                         row["chosen"] = dispatch.last_backend()
@@ -365,11 +366,11 @@ def _per_call_us(fns: Dict[str, Callable[[], object]], device: torch.device, cal
     samples: Dict[str, List[float]] = {n: [] for n in fns}
     for _ in range(rounds):
         for n, fn in fns.items():
-            autotune.synchronize(device)
+            synchronize(device)
             t0 = time.perf_counter()
             for _ in range(calls):
                 fn()
-            autotune.synchronize(device)
+            synchronize(device)
             samples[n].append((time.perf_counter() - t0) / calls * 1e6)
     return {n: min(v) for n, v in samples.items()}
 

@@ -42,6 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .._device import synchronize
 from .._log import first_line as _first_line, logger
 from . import autotune_cache, registry
 from .compile import is_compiling
@@ -339,15 +340,6 @@ def tolerance(backend: registry.Backend, dtype: torch.dtype) -> float:
 
 
 # ---------------------------------------------------------------- timing
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps" and hasattr(torch, "mps"):
-        torch.mps.synchronize()
-    elif device.type == "xpu" and hasattr(torch, "xpu"):
-        torch.xpu.synchronize()
 
 
 def time_runs(fn: Callable[[], object], device: torch.device, reps: int) -> List[float]:

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .types import AttentionType
+from .types import AttentionType, mask_4d_shape
 
 _compiler = getattr(torch, "compiler", None)
 if _compiler is not None and hasattr(_compiler, "is_compiling"):
@@ -79,8 +79,7 @@ def _reference_bnhd(q, k, v, mask, scale, layout) -> torch.Tensor:
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
     if mask is not None:
-        s = tuple(mask.shape)  # [Nk] / [Nq, Nk] / [B, Nq, Nk] -> broadcastable 4-D, as dispatch views it
-        mask = mask.reshape({1: (1, 1, 1) + s, 2: (1, 1) + s, 3: (s[0], 1) + s[1:], 4: s}[mask.dim()])
+        mask = mask.reshape(mask_4d_shape(mask.shape))  # broadcastable 4-D, as dispatch views it
         if mask.dtype != torch.bool:
             mask = mask.to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

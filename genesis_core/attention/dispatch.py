@@ -23,7 +23,7 @@ import torch
 from .._log import first_line, log_once, logger
 from . import backends as _backends  # noqa: F401  (registers every backend)
 from . import registry
-from .types import LAYOUTS, AttentionCall, AttentionType
+from .types import LAYOUTS, AttentionCall, AttentionType, mask_4d_shape
 
 BackendArg = Union[AttentionType, str]
 
@@ -206,8 +206,7 @@ def _validate(q, k, v, mask, layout: str, scale) -> Optional[tuple]:
             f"mask shape {_shape(mask)} does not broadcast to {names} = {target} "
             f"(each dimension must match or be 1, and the last must be Nk={nk})"
         )
-    s = tuple(mask.shape)
-    return (1,) * (4 - len(s)) + s if len(s) != 3 else (s[0], 1, s[1], s[2])
+    return mask_4d_shape(mask.shape)
 
 
 # ---------------------------------------------------------------- planning

@@ -28,6 +28,13 @@ class AttentionType(str, Enum):
 LAYOUTS = ("BHND", "BNHD")
 
 
+def mask_4d_shape(shape) -> tuple:
+    """The 4-D shape a 1- to 4-D attention mask is viewed as: [Nk] -> [1, 1, 1, Nk],
+    [Nq, Nk] -> [1, 1, Nq, Nk], [B, Nq, Nk] -> [B, 1, Nq, Nk] (3-D masks are per batch, not per head)."""
+    s = tuple(shape)
+    return (s[0], 1, s[1], s[2]) if len(s) == 3 else (1,) * (4 - len(s)) + s
+
+
 class AttentionCall:
     """One validated attention call, always in BHND views.
 

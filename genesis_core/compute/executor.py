@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .._device import synchronize
 from .._log import log_once, logger
 from ._tree import first_tensor, iter_tensors, map_tensors
 from .backends import TORCH_DEVICE_TYPE, BackendStatus, ComputeBackend, available_backends, backend_status
@@ -84,15 +85,6 @@ class Worker:
     total_s: float = 0.0
     last_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-    elif device.type == "npu" and hasattr(torch, "npu"):
-        torch.npu.synchronize(device)
 
 
 def _mover(device: Optional[torch.device]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -347,7 +339,7 @@ class HeterogeneousExecutor:
             else:
                 out = self._run_torch(worker, fn, args, kwargs)
             if sync:
-                _synchronize(worker.device)
+                synchronize(worker.device)
             out = map_tensors(out, _mover(target))
         except BaseException:
             with worker.lock:

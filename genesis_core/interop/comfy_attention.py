@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from .._log import log_once, logger
+from ..attention.types import mask_4d_shape
 
 __all__ = ["comfy_attention", "call_signature", "GenesisAttentionOverride", "make_replace_patch"]
 
@@ -47,16 +48,11 @@ def _normalise_mask(mask: Optional[torch.Tensor], q_dtype: torch.dtype) -> Optio
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None; got {type(mask).__name__}")
-    if mask.ndim == 1:
-        mask = mask.view(1, 1, 1, -1)
-    elif mask.ndim == 2:
-        mask = mask.unsqueeze(0).unsqueeze(0)
-    elif mask.ndim == 3:
-        mask = mask.unsqueeze(1)
-    elif mask.ndim != 4:
+    if not 1 <= mask.ndim <= 4:
         raise ValueError(
             f"mask must be 2-D [Nq, Nk], 3-D [B, Nq, Nk] or 4-D [B, H, Nq, Nk]; got shape {tuple(mask.shape)}"
         )
+    mask = mask.reshape(mask_4d_shape(mask.shape))  # what attention_pytorch does: missing dims in front
     if mask.dtype != torch.bool and mask.dtype != q_dtype:
         mask = mask.to(q_dtype)
     return mask
