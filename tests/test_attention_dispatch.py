@@ -373,3 +373,65 @@ def test_reprobe_forgets_plans():
     assert dispatch._plans
     registry.get("pytorch").reprobe()
     assert not dispatch._plans
+
+
+# ------------------------------------------------------------------ the direct path (registry.Backend.direct)
+
+def test_direct_path_serves_only_unmasked_default_scale_bhnd_calls(monkeypatch):
+    """sdpa's direct path skips run(call) for the common call; masks, scales, BNHD and GQA still go through run."""
+    sdpa_backend = registry.get("sdpa")
+    orig = sdpa_backend.run
+    runs = []
+    monkeypatch.setattr(sdpa_backend, "run", lambda call: (runs.append(1), orig(call))[1])
+    clear_plans()
+    q, k, v = qkv(b=int(torch.randint(1, 3, ())), nq=int(torch.randint(3, 12, ())), nk=int(torch.randint(3, 12, ())))
+    for _ in range(3):
+        out = attention(q, k, v, backend="sdpa")
+        assert last_backend() == "sdpa"
+        assert torch.allclose(out.double(), reference_attention(q, k, v), atol=1e-5)
+    assert runs == [], "the unmasked default-scale call must take the direct path"
+    mask = torch.rand(q.shape[2], k.shape[2]) > 0.3
+    mask[:, 0] = True
+    cases = [
+        (lambda: attention(q, k, v, mask, backend="sdpa"), reference_attention(q, k, v, mask)),
+        (lambda: attention(q, k, v, backend="sdpa", scale=0.3), reference_attention(q, k, v, scale=0.3)),
+        (lambda: attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend="sdpa",
+                           layout="BNHD").transpose(1, 2), reference_attention(q, k, v)),
+        (lambda: attention(q, k[:, :2], v[:, :2], backend="sdpa"), reference_attention(q, k[:, :2], v[:, :2])),
+    ]
+    for i, (fn, ref) in enumerate(cases):
+        out = fn()
+        assert len(runs) == i + 1, f"case {i} must go through run(call)"
+        assert torch.allclose(out.double(), ref, atol=1e-5), f"case {i}"
+
+
+@pytest.mark.parametrize("run_works", [True, False])
+def test_direct_path_failure_is_dropped_and_falls_back(genesis_log, run_works):
+    direct_calls, run_calls = [], []
+
+    def broken_direct(q, k, v):
+        direct_calls.append(1)
+        raise RuntimeError("direct kernel exploded")
+
+    def run(call):
+        run_calls.append(1)
+        if not run_works:
+            raise RuntimeError("run kernel exploded")
+        return registry.get("pytorch").run(call)
+
+    registry.register(Backend(name="direct_test", probe=lambda: None, unsupported=lambda c: None, run=run,
+                              description=lambda: "direct path that raises", direct=lambda call: broken_direct))
+    try:
+        clear_plans()
+        q, k, v = qkv()
+        for _ in range(3):
+            out = attention(q, k, v, backend="direct_test")
+            assert torch.allclose(out.double(), reference_attention(q, k, v), atol=1e-5)
+            assert last_backend() == ("direct_test" if run_works else "sdpa")
+        assert len(direct_calls) == 1, "a direct path that raised is not tried again for that signature"
+        assert len(run_calls) == (3 if run_works else 1)
+        fails = [m for m in genesis_log if "'direct_test' failed" in m]
+        assert len(fails) == (0 if run_works else 1)
+    finally:
+        registry.unregister("direct_test")
+        clear_plans()

@@ -59,14 +59,19 @@ _auto_peek: Optional[Callable[[AttentionCall, List[str]], Optional[str]]] = None
 
 
 class _Plan:
-    __slots__ = ("chain", "layout", "mask_view", "signature", "default_scale")
+    __slots__ = ("chain", "layout", "mask_view", "signature", "default_scale", "direct", "direct_name")
 
-    def __init__(self, chain: List[registry.Backend], layout: str, mask_view, signature: str, default_scale: float):
+    def __init__(self, chain: List[registry.Backend], layout: str, mask_view, signature: str, default_scale: float,
+                 direct: Optional[Callable[..., torch.Tensor]] = None):
         self.chain = chain
         self.layout = layout
         self.mask_view = mask_view  # the shape the mask is viewed as (4-D), or None
         self.signature = signature
         self.default_scale = default_scale  # head_dim ** -0.5, used when the call gives no scale
+        # chain[0]'s plain fn(q, k, v) for this signature (BHND, no mask, default scale), or None;
+        # dropped together with chain[0] when that backend fails.
+        self.direct = direct
+        self.direct_name = chain[0].name if chain else None
 
 
 # ---------------------------------------------------------------- backend names
@@ -272,7 +277,11 @@ def _plan(name: str, q, k, v, mask, layout: str, scale) -> _Plan:
         if r is None:
             break
         log_once(("skip", n, r), f"attention backend '{n}' skipped: {r}; using '{servable[0].name}'")
-    return _Plan(servable, layout, mask_view, _signature(call, layout, name), q.shape[-1] ** -0.5)
+    head = servable[0]
+    direct = None
+    if layout == "BHND" and mask is None and scale is None and head.direct is not None:
+        direct = head.direct(call)
+    return _Plan(servable, layout, mask_view, _signature(call, layout, name), q.shape[-1] ** -0.5, direct)
 
 
 # ---------------------------------------------------------------- the call
@@ -315,7 +324,7 @@ def _effective_name(backend: BackendArg) -> str:
 
 def eager_attention(q, k, v, mask, backend, layout, scale) -> torch.Tensor:
     """``attention`` without the torch.compile check (positional arguments; the custom op's body)."""
-    name = _effective_name(backend)
+    name = (_tls.override or _default_backend) if backend is _AUTO else _effective_name(backend)
     try:
         # Everything a backend's refusal or the autotuner's choice can depend on: shapes, strides (kernels
         # need a contiguous last dim; the autotuner keys by memory layout), dtypes, devices, the mask's
@@ -338,6 +347,15 @@ def eager_attention(q, k, v, mask, backend, layout, scale) -> torch.Tensor:
         _served[plan.signature] = plan.chain[0].name
     elif scale is not None:  # the cached plan says nothing about this call's scale
         _check_scale(scale)
+    direct = plan.direct
+    if direct is not None:  # the common call: no AttentionCall, no wrapper (see registry.Backend.direct)
+        try:
+            out = direct(q, k, v)
+            _tls.last = plan.direct_name
+            return out
+        except Exception as exc:  # the general path below runs that backend's run(call): it logs and falls back
+            if not isinstance(exc, torch.cuda.OutOfMemoryError):
+                plan.direct = None  # not again for this signature (out of memory can pass)
     if layout == "BHND" and mask is None:  # the common case, without _make_call's branches
         call = AttentionCall(q, k, v, None, plan.default_scale if scale is None else float(scale))
     else:
@@ -358,6 +376,7 @@ def eager_attention(q, k, v, mask, backend, layout, scale) -> torch.Tensor:
             if not transient:
                 with _plans_lock:  # never try it again for this signature (other threads may have already)
                     if plan.chain and plan.chain[0] is b:
+                        plan.direct = None
                         plan.chain = plan.chain[1:]
                         _served[plan.signature] = plan.chain[0].name
             log_once(("fail", b.name, first_line(exc, 300)),

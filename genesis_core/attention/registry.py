@@ -6,7 +6,10 @@ A backend is one object (usually a module under ``backends/``) that answers thre
 * ``unsupported(call) -> str | None``: why it cannot serve this particular call, or None.
 * ``run(call) -> Tensor``: the attention output in BHND, [B, Hq, Nq, Dv].
 
-plus ``name``, ``description()`` (which kernel really runs) and ``version()``.
+plus ``name``, ``description()`` (which kernel really runs) and ``version()``. Optionally,
+``direct(call) -> fn | None``: a plain ``fn(q, k, v)`` computing the same as ``run(call)`` for calls like
+``call`` that have no mask and the default scale, so dispatch can skip building an ``AttentionCall``
+per call (used for the most common call, where every microsecond of dispatch shows).
 Adding a backend is writing one file and calling :func:`register` from it.
 """
 from __future__ import annotations
@@ -32,6 +35,8 @@ class Backend:
     version: Callable[[], Optional[str]] = lambda: None
     # Relative-error tolerance against a float32 reference, per dtype; the autotuner rejects worse.
     tolerance: Dict[torch.dtype, float] = field(default_factory=dict)
+    # For calls without mask and with the default scale: a plain fn(q, k, v) equal to run(call), or None.
+    direct: Optional[Callable[[AttentionCall], Optional[Callable[..., torch.Tensor]]]] = None
     _reason: Optional[str] = field(default=None, init=False, repr=False)
     _probed: bool = field(default=False, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)

@@ -51,6 +51,13 @@ def sdpa(call: AttentionCall, native_gqa: bool = True) -> torch.Tensor:
     return F.scaled_dot_product_attention(call.q, k, v, attn_mask=mask, scale=call.scale)
 
 
+def _direct(call: AttentionCall) -> Optional[Callable[..., torch.Tensor]]:
+    """For unmasked, default-scale calls without GQA: SDPA itself (its default scale is D**-0.5)."""
+    if call.mask is None and not call.gqa:
+        return F.scaled_dot_product_attention
+    return None
+
+
 def _no_extra(call: AttentionCall) -> Optional[str]:
     return None
 
@@ -157,6 +164,7 @@ backend = register(
         description=lambda: "torch.nn.functional.scaled_dot_product_attention (PyTorch chooses the sub-kernel)",
         version=_version,
         tolerance=dict(_TOL),
+        direct=_direct,
     )
 )
 
