@@ -251,6 +251,40 @@ def test_a_single_slow_split_does_not_pin(ex, genesis_log):
     assert sorted(ex.split_plan(fn, x, ["w0", "w1"]).values()) == [0, 24]
 
 
+def test_a_worker_that_slows_the_others_drops_out_and_the_rest_keep_splitting(ex, genesis_log):
+    """CPU + cuda:0 + cuda:1 in miniature: w0 and w1 are fast and independent (one lock each); w2 is 4x slower
+    per row and, while it runs, holds both locks (a CPU kernel starving the threads that feed the GPUs).
+    Alone, each fits its line; together, the three-way split is slower than w0 + w1 would be. After two such
+    splits w2 drops out and w0 and w1 keep sharing the batch (not one worker alone); the log says so once."""
+    locks = {"w0": threading.Lock(), "w1": threading.Lock()}
+
+    def fn(x):
+        me = current_worker()
+        held = [locks["w0"], locks["w1"]] if me == "w2" else [locks[me]]
+        for lock in held:
+            lock.acquire()
+        try:
+            time.sleep(0.01 + (0.004 if me == "w2" else 0.001) * x.shape[0])
+        finally:
+            for lock in reversed(held):
+                lock.release()
+        return x * 2
+
+    x = torch.randn(48, 3)
+    names = ["w0", "w1", "w2"]
+    first = ex.split_plan(fn, x, names)
+    assert all(first[n] > 0 for n in names) and first["w2"] < first["w0"], first  # solo fits: w2 gets a little
+    for _ in range(2):
+        torch.testing.assert_close(ex.split_execute(fn, x, names), x * 2)
+    after = ex.split_plan(fn, x, names)
+    assert after["w2"] == 0 and after["w0"] > 0 and after["w1"] > 0, after
+    assert sum("run on 'w0', 'w1' only" in m for m in genesis_log) == 1, genesis_log
+    for _ in range(2):  # the two fast workers together beat either alone: they stay split
+        torch.testing.assert_close(ex.split_execute(fn, x, names), x * 2)
+    still = ex.split_plan(fn, x, names)
+    assert still["w2"] == 0 and still["w0"] > 0 and still["w1"] > 0, still
+
+
 def _finishes(target, timeout=60.0):
     """Run ``target`` in a daemon thread; return (finished, result or exception) - a deadlock fails, not hangs."""
     box = {}

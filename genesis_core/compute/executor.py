@@ -137,7 +137,7 @@ class HeterogeneousExecutor:
 
     _genesis_opaque = True  # model discovery does not search the executor (a node may hold one)
     SPLIT_MARGIN = 0.10  # a split "loses" when slower than the best single worker's prediction by more than this
-    SPLIT_LOSSES = 2  # consecutive losing splits before a key runs on that worker alone
+    SPLIT_LOSSES = 2  # consecutive losing splits before a key drops to the best smaller set of workers
 
     def __init__(self) -> None:
         self._workers: Dict[str, Worker] = {}
@@ -153,10 +153,10 @@ class HeterogeneousExecutor:
         self._calibration_generation = 0  # bumped by clear_calibration(): measurements started before are dropped
         # Calibration key -> the fits as measured, each worker alone (the refined ones drift under contention).
         self._solo: Dict[Any, Dict[str, Tuple[float, float]]] = {}
-        # Calibration key -> consecutive real splits that lost to the best single worker (see
-        # _check_split_paid_off), and the worker that runs the whole batch alone once they reach SPLIT_LOSSES.
+        # Calibration key -> consecutive real splits that lost to a smaller set of its workers (see
+        # _check_split_paid_off), and the workers the key is restricted to once they reach SPLIT_LOSSES.
         self._losses: Dict[Any, int] = {}
-        self._single: Dict[Any, str] = {}
+        self._subset: Dict[Any, Tuple[str, ...]] = {}
 
     # -- registration -------------------------------------------------------------------------------
     def register_backend(self, backend: BackendLike, device: DeviceLike = None, *, name: Optional[str] = None,
@@ -479,7 +479,7 @@ class HeterogeneousExecutor:
         if calibrate:
             self._refine(fn, args, workers, dim, [(w, c, t) for (w, c), t in zip(used, times)])
             if len(used) > 1:
-                self._check_split_paid_off(fn, args, workers, dim, total, wall)
+                self._check_split_paid_off(fn, args, workers, [w.name for w, _ in used], dim, total, wall)
         if return_device is None:
             home = first_tensor(results[0])
             results = [map_tensors(r, _mover(home.device if home is not None else None)) for r in results]
@@ -499,7 +499,7 @@ class HeterogeneousExecutor:
             self._calibration_keep.clear()
             self._solo.clear()
             self._losses.clear()
-            self._single.clear()
+            self._subset.clear()
             self._calibration_generation += 1
 
     def _split_workers(self, backends: Optional[Sequence[BackendLike]]) -> List[Worker]:
@@ -555,13 +555,16 @@ class HeterogeneousExecutor:
         me = threading.get_ident()
         while True:
             with self._calibration_lock:
-                single = self._single.get(key)
-                if single is not None:
-                    return [total if w.name == single else 0 for w in workers]
                 models = self._calibration.get(key)
                 if models is not None:
-                    snapshot = [tuple(models[w.name]) for w in workers]
-                    return plan_shares(total, snapshot)
+                    allowed = self._subset.get(key)
+                    if allowed is None:
+                        return plan_shares(total, [tuple(models[w.name]) for w in workers])
+                    idx = [i for i, w in enumerate(workers) if w.name in allowed]
+                    counts = [0] * len(workers)
+                    for i, c in zip(idx, plan_shares(total, [tuple(models[workers[i].name]) for i in idx])):
+                        counts[i] = c
+                    return counts
                 busy = self._calibrating.get(key)
                 if busy is None:
                     done = threading.Event()
@@ -613,40 +616,51 @@ class HeterogeneousExecutor:
             b, a = max(t_small / small, 1e-9), 0.0
         return [a, b]
 
-    def _check_split_paid_off(self, fn: Callable[..., Any], args: Tuple[Any, ...], workers: List[Worker], dim: int,
-                              total: int, wall: float) -> None:
-        """After a real split: did it beat the best single worker?
+    def _check_split_paid_off(self, fn: Callable[..., Any], args: Tuple[Any, ...], workers: List[Worker],
+                              ran: List[str], dim: int, total: int, wall: float) -> None:
+        """After a real split over the workers ``ran``: did it beat every smaller set of them?
 
-        The reference is each worker's fit as measured alone (not the refined one, which absorbs contention)
-        for the whole batch. The fits are made one worker at a time, so they miss contention (a CPU kernel
-        starving the thread that feeds a GPU) - but the split's wall time also holds costs a solo fit does
-        not (thread start-up, result copies) and one run can be slow for unrelated reasons. So a split
-        *loses* only when its wall time exceeds the best solo prediction by more than ``SPLIT_MARGIN``, and
-        only ``SPLIT_LOSSES`` consecutive losses pin the key to that worker (a win resets the count).
-        The pin lasts until :meth:`clear_calibration`; logged once.
+        The references are predictions from each worker's fit as measured alone (not the refined one, which
+        absorbs contention): for the fastest worker alone, the fastest two split, and so on (workers ranked
+        by their solo time for the whole batch; a set's prediction is the finish time :func:`plan_shares`
+        gives it). The fits are made one worker at a time, so they miss contention (a CPU kernel starving the
+        thread that feeds a GPU) - but the split's wall time also holds costs a solo fit does not (thread
+        start-up, result copies) and one run can be slow for unrelated reasons. So a split *loses* only when
+        its wall time exceeds the best smaller set's prediction by more than ``SPLIT_MARGIN``, and only
+        ``SPLIT_LOSSES`` consecutive losses restrict the key to that set (a win resets the count): with CPU,
+        cuda:0 and cuda:1, a CPU that slows the GPUs drops out and the two GPUs keep splitting; a set that
+        keeps losing shrinks again, down to one worker. The restriction lasts until
+        :meth:`clear_calibration`; logged once.
         """
         key, _ = self._calibration_key(fn, args, workers, dim)
         with self._calibration_lock:
             solo_fits = self._solo.get(key)
-            if solo_fits is None or key in self._single:
+            if solo_fits is None or len(ran) < 2 or any(n not in solo_fits for n in ran):
                 return
-            solo = {w.name: solo_fits[w.name][0] + solo_fits[w.name][1] * total for w in workers}
-            best = min(solo, key=solo.get)
-            if wall <= solo[best] * (1.0 + self.SPLIT_MARGIN):
+            ranked = sorted(ran, key=lambda n: solo_fits[n][0] + solo_fits[n][1] * total)
+            predicted = {}
+            for m in range(1, len(ranked)):
+                fits = [tuple(solo_fits[n]) for n in ranked[:m]]
+                predicted[tuple(ranked[:m])] = max(a + b * c for (a, b), c in zip(fits, plan_shares(total, fits))
+                                                   if c > 0)
+            best = min(predicted, key=predicted.get)
+            if wall <= predicted[best] * (1.0 + self.SPLIT_MARGIN):
                 self._losses.pop(key, None)
                 return
             losses = self._losses.get(key, 0) + 1
             self._losses[key] = losses
+            names = ", ".join(f"'{n}'" for n in ran if n in best)  # in the caller's order
             if losses < self.SPLIT_LOSSES:
-                logger.debug("split over %s took %.2f ms, more than '%s' alone is predicted to take (%.2f ms); "
-                             "loss %d of %d", ", ".join(solo), wall * 1e3, best, solo[best] * 1e3, losses,
-                             self.SPLIT_LOSSES)
+                logger.debug("split over %s took %.2f ms, more than %s is predicted to take (%.2f ms); loss %d of %d",
+                             ", ".join(ran), wall * 1e3, names, predicted[best] * 1e3, losses, self.SPLIT_LOSSES)
                 return
-            self._single[key] = best
-            log_once(("split-single", key[0], key[2]),
-                     f"split over {', '.join(solo)} took {wall * 1e3:.2f} ms, more than '{best}' alone is "
-                     f"predicted to take ({solo[best] * 1e3:.2f} ms), {losses} runs in a row: later calls like "
-                     f"this run on '{best}' only (clear_calibration() measures again)")
+            self._subset[key] = best
+            self._losses.pop(key, None)
+            log_once(("split-subset", key[0], key[2], best),
+                     f"split over {', '.join(ran)} took {wall * 1e3:.2f} ms, more than {names} "
+                     f"{'alone ' if len(best) == 1 else ''}is predicted to take ({predicted[best] * 1e3:.2f} ms), "
+                     f"{losses} runs in a row: later calls like this run on {names} only "
+                     f"(clear_calibration() measures again)")
 
     def _refine(self, fn: Callable[..., Any], args: Tuple[Any, ...], workers: List[Worker], dim: int,
                 observed: List[Tuple[Worker, int, float]]) -> None:
