@@ -8,6 +8,9 @@ Sections (``--section``, comma-separated; default all):
   Backends are warmed up, probed, then timed in interleaved rounds (CUDA events on CUDA), so drift hits
   all alike; a cell whose runs are slow gets fewer repetitions (``--budget-ms``), and PyTorch's
   reference kernel ``sdpa_math`` is skipped where its score matrix would not fit in memory.
+  The summary judges AUTO's choice (``choice_ok``, ``choice_verdict``): where the chosen backend is not
+  the fastest row, the two are timed again in strict alternation and, where torch.profiler sees device
+  kernels, compared kernel by kernel (two backends launching the same kernel differ only by noise).
 * ``overhead``: Genesis ``attention()`` against calling the chosen kernel directly, CPU-side µs per
   call on small tensors ([1, 1, 8, 64]) for an already-seen signature (best of 15 interleaved rounds).
 * ``e2e``: a stack of Flux-sized transformer blocks (LayerNorm → QKV → RMSNorm(q, k) → attention →
@@ -87,6 +90,8 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 SECTIONS = ("attention", "overhead", "e2e", "executor")
 OVERHEAD_TARGET_US = 5.0
+CHOICE_TARGET = 1.03  # AUTO's choice: within 3% of the fastest correct backend
+KERNEL_NAME_CHARS = 160  # kernel names (C++ templates run long) are stored cut to this
 
 
 # ---------------------------------------------------------------- arguments
@@ -293,10 +298,13 @@ def bench_attention(shapes: List[Shape], names: List[str], include_auto: bool, d
             if len(vals) < reps:
                 cells[n]["note"] = (cells[n]["note"] + "; " if cells[n]["note"] else "") + f"{len(vals)} rep(s): budget"
         _pair_auto_with_its_kernel(cells, fns, live, inner, reps, device, shape.flops)
+        summ = _summarise(shape, cells)
+        summ.update(_pair_choice_with_fastest(summ, cells, fns, live, inner, reps, budget_ms, device))
+        summ["choice_ok"], summ["choice_verdict"] = choice_verdict(summ)
         for row in cells.values():
             row.pop("probe_ms", None)
             rows.append(row)
-        summary.append(_summarise(shape, cells))
+        summary.append(summ)
     bar.close()
     return rows, summary
 
@@ -324,6 +332,112 @@ def _pair_auto_with_its_kernel(cells: Dict[str, dict], fns: Dict[str, Callable[[
     auto["tflops"] = flops / (a * 1e-3) / 1e12
     auto["paired_kernel_ms"] = c
     auto["note"] = (auto["note"] + "; " if auto["note"] else "") + f"timed alternately with {chosen}: {c:.3f} ms"
+
+
+def _pair_choice_with_fastest(summ: dict, cells: Dict[str, dict], fns: Dict[str, Callable[[], object]],
+                              live: Dict[str, object], inner: Dict[str, int], reps: int, budget_ms: float,
+                              device: torch.device) -> dict:
+    """Where AUTO chose another backend than the fastest correct row and both rows were timed: time the
+    two in strict alternation (same inner count, rotating who goes first, ``max(reps, 6)`` rounds, fewer
+    where either call would spend more than ``budget_ms``, never fewer than 2) and compare the device
+    kernels each launches. Returns the summary keys ``choice_vs_fastest_paired`` (median chosen / median
+    fastest), ``choice_paired_rounds`` and those of :func:`_compare_kernels`; {} where there is nothing
+    to pair. (On the H100, ``sdpa`` and ``sdpa_cudnn`` ran the same cuDNN kernel on Wan yet swapped
+    places by 8-13% between runs of the interleaved rows.)"""
+    chosen, best = summ.get("auto_backend"), summ.get("fastest_correct")
+    if not chosen or not best or chosen == best or chosen not in live or best not in live:
+        return {}
+    if cells[chosen]["ms"] is None or cells[best]["ms"] is None:
+        return {}
+    n_inner = inner[chosen]
+    slowest = max(cells[chosen]["ms"], cells[best]["ms"]) * n_inner
+    rounds = max(2, min(max(reps, 6), int(budget_ms / max(slowest, 1e-3))))
+    pair = [chosen, best]
+    samples: Dict[str, List[float]] = {n: [] for n in pair}
+    out: dict = {}
+    try:
+        with torch.no_grad():
+            for r in range(rounds):
+                for n in (pair if r % 2 == 0 else pair[::-1]):
+                    samples[n].append(autotune.time_runs(autotune.repeat(fns[n], n_inner), device, 1)[0] / n_inner)
+        out["choice_vs_fastest_paired"] = statistics.median(samples[chosen]) / statistics.median(samples[best])
+        out["choice_paired_rounds"] = rounds
+    except Exception as exc:
+        out["choice_paired_error"] = first_line(exc)
+    out.update(_compare_kernels(fns[chosen], fns[best], device))
+    return out
+
+
+_PROFILER_ACTIVITY = {"cuda": "CUDA", "xpu": "XPU"}  # device type -> ProfilerActivity / DeviceType name
+
+
+def device_kernels(fn: Callable[[], object], device: torch.device) -> Optional[List[str]]:
+    """Sorted names of the device kernels (and memsets/copies) one call of ``fn`` launches, as
+    torch.profiler records them: ProfilerActivity.CUDA on CUDA (and ROCm), XPU on Intel GPUs. None on
+    devices whose kernels the profiler does not record (CPU, MPS): there is nothing to compare there.
+    Profiler errors propagate; :func:`_compare_kernels` turns them into a reason."""
+    kind = _PROFILER_ACTIVITY.get(device.type)
+    activity = getattr(torch.profiler.ProfilerActivity, kind, None) if kind else None
+    if activity is None:
+        return None
+    with torch.no_grad(), torch.profiler.profile(activities=[activity]) as prof:
+        fn()
+        synchronize(device)
+    return sorted({e.name for e in prof.events() if getattr(e.device_type, "name", None) == kind})
+
+
+def _compare_kernels(chosen_fn: Callable[[], object], fastest_fn: Callable[[], object], device: torch.device) -> dict:
+    """``chosen_kernels``, ``fastest_kernels`` (sorted, names cut to KERNEL_NAME_CHARS) and ``same_kernel``:
+    True only when both sets are non-empty and equal (compared on the full names), False when they
+    differ, None where there are no device kernels to compare (CPU) or the probe failed; a failure, or
+    a device where the profiler saw no kernel, leaves its reason in ``kernel_probe_error``. Never raises."""
+    out: dict = {"chosen_kernels": None, "fastest_kernels": None, "same_kernel": None}
+    try:
+        chosen, fastest = device_kernels(chosen_fn, device), device_kernels(fastest_fn, device)
+    except Exception as exc:
+        out["kernel_probe_error"] = first_line(exc)
+        return out
+    if chosen is None or fastest is None:
+        return out
+    out["chosen_kernels"] = sorted({n[:KERNEL_NAME_CHARS] for n in chosen})
+    out["fastest_kernels"] = sorted({n[:KERNEL_NAME_CHARS] for n in fastest})
+    if chosen and fastest:
+        out["same_kernel"] = chosen == fastest
+    else:
+        out["kernel_probe_error"] = f"torch.profiler recorded no {device.type} kernel for " + \
+            " or ".join(w for w, k in (("the chosen backend", chosen), ("the fastest backend", fastest)) if not k)
+    return out
+
+
+def choice_verdict(summ: dict) -> tuple:
+    """(choice_ok, choice_verdict) for one shape's summary. OK when the chosen kernel's own row is within
+    CHOICE_TARGET of the fastest correct row, when the two timed alternately are, or when both launch
+    the same device kernel (then the rows differ by timing noise). None (no verdict) where no choice was
+    timed: no AUTO row, AUTO failed, or the chosen backend's own row was not measured."""
+    ratio, best, chosen = summ.get("choice_vs_fastest"), summ.get("fastest_correct"), summ.get("auto_backend")
+    paired, same = summ.get("choice_vs_fastest_paired"), summ.get("same_kernel")
+    pct = lambda x: f"{(x - 1) * 100:+.1f}%"  # noqa: E731
+    if ratio is None:
+        why = "no AUTO row" if chosen is None else f"the chosen backend {chosen}'s own row was not timed"
+        return None, f"no timed choice ({why})"
+    if ratio <= CHOICE_TARGET:
+        return True, ("chose the fastest correct backend" if chosen == best
+                      else f"{chosen} within {pct(CHOICE_TARGET)} of the fastest row {best} ({pct(ratio)})")
+    if same is True:
+        kernels = ", ".join(summ.get("chosen_kernels") or [])
+        return True, f"same kernel as the fastest row: {kernels}; rows differ by timing noise ({pct(ratio)})"
+    if paired is not None and paired <= CHOICE_TARGET:
+        return True, (f"rows {pct(ratio)}, but timed alternately with {best} {pct(paired)}: "
+                      f"within {pct(CHOICE_TARGET)}")
+    parts = [f"{chosen} {pct(ratio)} slower than {best} in the rows"]
+    if paired is not None:
+        parts.append(f"timed alternately {pct(paired)}")
+    if same is False:
+        parts.append("different kernels")
+    for key in ("kernel_probe_error", "choice_paired_error"):
+        if summ.get(key):
+            parts.append(f"{key}: {summ[key]}")
+    return False, "; ".join(parts)
 
 
 def _summarise(shape: Shape, cells: Dict[str, dict]) -> dict:
@@ -584,6 +698,9 @@ def print_attention(rows: List[dict], summary: List[dict]) -> None:
               + (f"; Genesis over its kernel {(s['auto_over_kernel'] - 1) * 100:+.1f}%" if s.get("auto_over_kernel") else "")
               + (")" if ratio else "")
               + ("" if s["auto_correct"] in (None, True) else "  AUTO OUTPUT INACCURATE"))
+        if s.get("choice_verdict"):
+            ok = {True: "OK", False: "NOT OK", None: "no verdict"}[s.get("choice_ok")]
+            print(f"  {'':<18} choice {ok}: {s['choice_verdict']}")
 
 
 def print_overhead(rows: List[dict]) -> None:

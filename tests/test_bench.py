@@ -126,3 +126,124 @@ def test_plot_png(tmp_path):
     path = tmp_path / "bench.png"
     assert bench.write_plot(str(path), rows, "test") is None
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- AUTO's choice against the fastest row
+
+
+def _summ(ratio, paired=None, same=None, chosen="sdpa", best="sdpa_cudnn", kernels=None):
+    s = {"auto_backend": chosen, "fastest_correct": best, "choice_vs_fastest": ratio}
+    if paired is not None:
+        s["choice_vs_fastest_paired"] = paired
+    if same is not None:
+        s.update(same_kernel=same, chosen_kernels=kernels or ["k_a"], fastest_kernels=kernels or ["k_b"])
+    return s
+
+
+def test_choice_verdict_logic():
+    ok, text = bench.choice_verdict(_summ(1.10, paired=1.08, same=True, kernels=["cudnn_sdpa_fprop_kernel"]))
+    assert ok is True
+    assert text.startswith("same kernel as the fastest row: cudnn_sdpa_fprop_kernel") and "timing noise" in text
+    ok, text = bench.choice_verdict(_summ(1.10, paired=1.08, same=False))
+    assert ok is False and "+10.0%" in text and "+8.0%" in text and "different kernels" in text
+    ok, text = bench.choice_verdict(_summ(1.10, paired=1.01))
+    assert ok is True and "+1.0%" in text
+    assert bench.choice_verdict(_summ(1.10, paired=1.01, same=False))[0] is True  # the alternation decides
+    assert bench.choice_verdict(_summ(1.10))[0] is False  # nothing else measured: the rows decide
+    assert bench.choice_verdict(_summ(1.10, paired=1.04))[0] is False
+    assert bench.choice_verdict(_summ(1.03))[0] is True
+    assert bench.choice_verdict(_summ(1.0, chosen="sdpa", best="sdpa")) == (True, "chose the fastest correct backend")
+    ok, text = bench.choice_verdict(_summ(None))
+    assert ok is None and "not timed" in text
+    ok, text = bench.choice_verdict({"auto_backend": None, "fastest_correct": "sdpa"})
+    assert ok is None and "no AUTO row" in text
+
+
+def test_kernel_probe_on_cpu_records_nothing_and_never_raises(monkeypatch):
+    cpu = torch.device("cpu")
+    assert bench.device_kernels(lambda: torch.ones(3) * 2, cpu) is None
+    assert bench._compare_kernels(lambda: None, lambda: None, cpu) == {
+        "chosen_kernels": None, "fastest_kernels": None, "same_kernel": None}
+
+    def broken(fn, device):
+        raise RuntimeError("CUPTI unavailable\nmore")
+
+    monkeypatch.setattr(bench, "device_kernels", broken)
+    out = bench._compare_kernels(lambda: None, lambda: None, cpu)
+    assert out["same_kernel"] is None and out["kernel_probe_error"] == "RuntimeError: CUPTI unavailable"
+    # A device whose profiler records kernels: equal non-empty sets are the same kernel, anything else is not.
+    sets = iter([["void k<1>"], ["void k<1>"], ["a", "b"], ["a"], [], ["a"]])
+    monkeypatch.setattr(bench, "device_kernels", lambda fn, device: next(sets))
+    assert bench._compare_kernels(None, None, cpu)["same_kernel"] is True
+    assert bench._compare_kernels(None, None, cpu)["same_kernel"] is False
+    out = bench._compare_kernels(None, None, cpu)
+    assert out["same_kernel"] is None and "the chosen backend" in out["kernel_probe_error"]
+
+
+@pytest.fixture
+def slow_correct_backend():
+    """A correct backend, 2 ms slower per call than sdpa, that AUTO is forced to choose. One torch thread
+    meanwhile: on a small shared machine an oversubscribed thread pool can stall a µs-sized sdpa call for
+    milliseconds and blur the difference this fixture exists to make."""
+    import time
+
+    import torch.nn.functional as F
+
+    def run(call):
+        time.sleep(2e-3)
+        return F.scaled_dot_product_attention(call.q, call.k, call.v, scale=call.scale)
+
+    registry.register(Backend(name="bench_slow", probe=lambda: None, unsupported=lambda call: None, run=run,
+                              description=lambda: "sdpa after a 2 ms sleep"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with dispatch.use_backend("bench_slow"):
+            yield "bench_slow"
+    finally:
+        torch.set_num_threads(threads)
+        registry.unregister("bench_slow")
+        dispatch.clear_plans()
+
+
+def test_choice_other_than_fastest_is_paired_and_judged(tmp_path, capsys, slow_correct_backend):
+    out_json = tmp_path / "bench.json"
+    code = bench.main(["--device", "cpu", "--shapes", "tiny", "--reps", "2", "--section", "attention",
+                       "--backends", "sdpa,bench_slow", "--json", str(out_json), "--no-progress"])
+    assert code == 0
+    assert "choice NOT OK: bench_slow" in capsys.readouterr().out
+    (s,) = json.loads(out_json.read_text())["summary"]
+    assert s["auto_backend"] == "bench_slow" and s["fastest_correct"] == "sdpa"
+    assert isinstance(s["choice_vs_fastest_paired"], float) and s["choice_vs_fastest_paired"] > 1.5
+    assert isinstance(s["choice_paired_rounds"], int) and s["choice_paired_rounds"] >= 6
+    assert s["chosen_kernels"] is None and s["fastest_kernels"] is None and s["same_kernel"] is None  # CPU
+    assert "kernel_probe_error" not in s
+    assert (s["choice_ok"], s["choice_verdict"]) == bench.choice_verdict(s)
+    assert s["choice_ok"] is False and isinstance(s["choice_verdict"], str) and "alternately" in s["choice_verdict"]
+
+
+def test_same_kernel_makes_a_slower_row_ok(monkeypatch, slow_correct_backend):
+    monkeypatch.setattr(bench, "device_kernels", lambda fn, device: ["cudnn_fprop_kernel"])
+    _, (s,) = bench.bench_attention(bench.parse_shapes("tiny"), ["sdpa", "bench_slow"], True,
+                                    torch.device("cpu"), torch.float32, 2, 1, 1000.0, False, 0)
+    assert s["choice_vs_fastest"] > 1.03 and s["choice_vs_fastest_paired"] > 1.03
+    assert s["same_kernel"] is True and s["chosen_kernels"] == ["cudnn_fprop_kernel"]
+    assert s["choice_ok"] is True and s["choice_verdict"].startswith("same kernel as the fastest row: cudnn_fprop_kernel")
+
+
+def test_paired_timing_respects_the_budget(slow_correct_backend):
+    # budget 1 ms per cell: the 2 ms x inner-count call gets the minimum of 2 alternated rounds
+    _, (s,) = bench.bench_attention(bench.parse_shapes("tiny"), ["sdpa", "bench_slow"], True,
+                                    torch.device("cpu"), torch.float32, 8, 1, 1.0, False, 0)
+    assert s["choice_paired_rounds"] == 2 and s["choice_ok"] is False
+
+
+def test_fastest_choice_gets_a_verdict_without_pairing(monkeypatch):
+    monkeypatch.setattr(bench, "_compare_kernels", lambda *a: pytest.fail("no kernel probe when AUTO chose the fastest"))
+    with dispatch.use_backend("sdpa"):
+        _, (s,) = bench.bench_attention(bench.parse_shapes("tiny"), ["sdpa"], True,
+                                        torch.device("cpu"), torch.float32, 2, 1, 1000.0, False, 0)
+    dispatch.clear_plans()
+    assert s["auto_backend"] == "sdpa" == s["fastest_correct"]
+    assert "choice_vs_fastest_paired" not in s and "same_kernel" not in s
+    assert s["choice_ok"] is True and s["choice_verdict"] == "chose the fastest correct backend"
