@@ -411,3 +411,49 @@ def test_transient_rejections_do_not_make_a_signature_known():
                                               "flash": "inaccurate: rel err 0.3 over 0.02"}}
     assert not autotune._known(entry, ["sdpa", "sdpa_math", "flash"])
     assert autotune._known(entry, ["sdpa", "flash"])
+
+
+def test_a_transient_skip_is_measured_alone_later_and_merged(tuner, monkeypatch):
+    """A backend skipped for a transient reason (memory guard, spent budget) is measured by itself the next
+    time a call in that bucket plans, and merged into the entry; the others are not measured again."""
+    seen = []
+    real = autotune.measure
+    monkeypatch.setattr(autotune, "measure", lambda call, names, budget_ms=None: (seen.append(list(names)),
+                                                                                 real(call, names, budget_ms))[1])
+    guard = {"on": True}
+    real_guard = autotune._memory_guard
+    monkeypatch.setattr(autotune, "_memory_guard", lambda name, call: (
+        "not measured: test memory guard" if guard["on"] and name == "sdpa_math" else real_guard(name, call)))
+    nq = int(torch.randint(25, 33, ()))
+    q, k, v = qkv(nq=nq)
+    out = genesis_core.attention(q, k, v)
+    torch.testing.assert_close(out.double(), reference(q, k, v), atol=1e-5, rtol=1e-5)
+    assert len(seen) == 1 and "sdpa_math" in seen[0] and len(seen[0]) >= 3, seen
+    sig = autotune.signature(AttentionCall(q, k, v, None, 0.25))
+    first = dict(autotune.lookup(sig))
+    assert "sdpa_math" in first["rejected"] and "sdpa_math" not in first["ms"]
+    guard["on"] = False
+    q2, k2, v2 = qkv(nq=nq - 1 if nq > 25 else nq + 1)  # another exact shape, the same bucket: a new plan
+    assert autotune.signature(AttentionCall(q2, k2, v2, None, 0.25)) == sig
+    out = genesis_core.attention(q2, k2, v2)
+    torch.testing.assert_close(out.double(), reference(q2, k2, v2), atol=1e-5, rtol=1e-5)
+    assert seen[1:] == [["sdpa_math"]], seen
+    merged = autotune.lookup(sig)
+    assert "sdpa_math" in merged["ms"] and "sdpa_math" not in merged["rejected"]
+    assert {n: merged["ms"][n] for n in first["ms"]} == first["ms"], "earlier timings are kept"
+    assert merged["ranking"] == sorted(merged["ms"], key=merged["ms"].get)
+    dispatch.clear_plans()  # known now: a new plan in this bucket measures nothing
+    genesis_core.attention(*qkv(nq=nq))
+    assert len(seen) == 2, seen
+
+
+def test_merge_replaces_what_was_measured_again():
+    old = {"ms": {"a": 1.0, "b": 2.0}, "rejected": {"c": "not measured: budget", "d": "inaccurate"},
+           "rel_err": {"a": 1e-3}, "notes": {"c": "x"}, "shape": "s", "when": "t0"}
+    fresh = {"ms": {"c": 0.5}, "rejected": {}, "rel_err": {"c": 2e-3}, "notes": {}, "when": "t1"}
+    m = autotune.merge(old, fresh)
+    assert m["ms"] == {"c": 0.5, "a": 1.0, "b": 2.0} and m["ranking"] == ["c", "a", "b"]
+    assert m["rejected"] == {"d": "inaccurate"} and m["notes"] == {} and m["shape"] == "s" and m["when"] == "t1"
+    assert m["chosen"] == autotune.prefer_default(m["ms"], m["ranking"])
+    again = autotune.merge(m, {"ms": {}, "rejected": {"a": "failed while timing: boom"}})
+    assert "a" not in again["ms"] and again["rejected"]["a"].startswith("failed")

@@ -149,7 +149,7 @@ def test_throughput_split_follows_measured_speed(ex):
     torch.testing.assert_close(out, x * 2)
     plan_again = ex.split_plan(fn, x, ["w0", "w1"])  # cached, refined by the observed run
     assert 20 <= plan_again["w0"] <= 28, plan_again
-    assert ex.stats()["w0"]["calls"] == 4 + 1  # warm-up + 2 small + 1 large calibration runs, then the split
+    assert ex.stats()["w0"]["calls"] == 5 + 1  # 2 warm-ups (small, large) + 2 small + 1 large, then the split
 
 
 def test_split_without_calibration_is_even(ex):
@@ -210,11 +210,18 @@ def test_a_split_that_loses_to_one_worker_is_not_repeated(ex, genesis_log):
     x = torch.randn(48, 3)
     first = ex.split_plan(fn, x, ["w0", "w1"])
     assert all(v > 0 for v in first.values()), first  # equal speeds alone: split evenly at first
+    torch.testing.assert_close(ex.split_execute(fn, x, ["w0", "w1"]), x + 1)  # new split sizes: not judged
+    assert all(v > 0 for v in ex.split_plan(fn, x, ["w0", "w1"]).values())
     torch.testing.assert_close(ex.split_execute(fn, x, ["w0", "w1"]), x + 1)
     once = ex.split_plan(fn, x, ["w0", "w1"])
     assert all(v > 0 for v in once.values()), once  # one losing run is not enough
-    torch.testing.assert_close(ex.split_execute(fn, x, ["w0", "w1"]), x + 1)
-    after = ex.split_plan(fn, x, ["w0", "w1"])
+    # Two judged losses in a row pin; runs of split sizes not seen before (the shares move as the fits are
+    # refined) are warm-ups in between, so it takes at most four more runs.
+    for _ in range(4):
+        torch.testing.assert_close(ex.split_execute(fn, x, ["w0", "w1"]), x + 1)
+        after = ex.split_plan(fn, x, ["w0", "w1"])
+        if 0 in after.values():
+            break
     assert sorted(after.values()) == [0, 48], after
     assert sum("run on" in m and "only" in m for m in genesis_log) == 1
     torch.testing.assert_close(ex.split_execute(fn, x, ["w0", "w1"]), x + 1)
@@ -255,7 +262,7 @@ def test_a_worker_that_slows_the_others_drops_out_and_the_rest_keep_splitting(ex
     """CPU + cuda:0 + cuda:1 in miniature: w0 and w1 are fast and independent (one lock each); w2 is 4x slower
     per row and, while it runs, holds both locks (a CPU kernel starving the threads that feed the GPUs).
     Alone, each fits its line; together, the three-way split is slower than w0 + w1 would be. After two such
-    splits w2 drops out and w0 and w1 keep sharing the batch (not one worker alone); the log says so once."""
+    splits (past the first run of those split sizes, a warm-up) w2 drops out and w0 and w1 keep sharing the batch (not one worker alone); the log says so once."""
     locks = {"w0": threading.Lock(), "w1": threading.Lock()}
 
     def fn(x):
@@ -274,9 +281,11 @@ def test_a_worker_that_slows_the_others_drops_out_and_the_rest_keep_splitting(ex
     names = ["w0", "w1", "w2"]
     first = ex.split_plan(fn, x, names)
     assert all(first[n] > 0 for n in names) and first["w2"] < first["w0"], first  # solo fits: w2 gets a little
-    for _ in range(2):
+    for _ in range(6):  # two judged losses; runs of split sizes not seen before are warm-ups in between
         torch.testing.assert_close(ex.split_execute(fn, x, names), x * 2)
-    after = ex.split_plan(fn, x, names)
+        after = ex.split_plan(fn, x, names)
+        if after["w2"] == 0:
+            break
     assert after["w2"] == 0 and after["w0"] > 0 and after["w1"] > 0, after
     assert sum("run on 'w0', 'w1' only" in m for m in genesis_log) == 1, genesis_log
     for _ in range(2):  # the two fast workers together beat either alone: they stay split
@@ -391,6 +400,72 @@ def test_concurrent_first_calls_with_one_key_calibrate_once(ex):
     for t in threads:
         t.join(30)
     assert len(outs) == 3 and all(torch.equal(o, x * 5) for o in outs)
-    # one calibration (4 runs on each of 2 workers), then each of the 3 calls ran one part per worker
+    # one calibration (5 runs on each of 2 workers), then each of the 3 calls ran one part per worker
     # (2 parts; 1 if a split lost twice in a row and was pinned to one worker)
-    assert 8 + 3 <= len(calls) <= 8 + 3 * 2, calls
+    assert 10 + 3 <= len(calls) <= 10 + 3 * 2, calls
+
+
+def test_each_worker_keeps_its_threads_across_calls(ex):
+    """Per-thread library state (cuDNN attention graphs, cuBLAS handles) must survive between parallel calls:
+    every call runs a worker's split on that worker's own long-lived thread, not on a fresh one."""
+    seen = []
+
+    def fn(x):
+        seen.append((current_worker(), threading.get_ident(), threading.current_thread().name))
+        return x + 1
+
+    for _ in range(3):
+        outs = ex.parallel_execute(fn, [torch.randn(2)] * 2, ["w0", "w1"])
+        assert len(outs) == 2
+    per_worker = {}
+    for worker, ident, name in seen:
+        per_worker.setdefault(worker, set()).add(ident)
+        assert name.startswith(f"genesis-{worker}"), name
+    assert set(per_worker) == {"w0", "w1"}
+    assert all(len(ids) == 1 for ids in per_worker.values()), per_worker
+    assert per_worker["w0"] != per_worker["w1"]
+    assert threading.get_ident() not in per_worker["w0"] | per_worker["w1"]
+    ex.close()  # threads stop; the executor still works and starts them again
+    torch.testing.assert_close(ex.parallel_execute(fn, [torch.zeros(2)] * 2, ["w0", "w1"]), [torch.ones(2)] * 2)
+
+
+def test_more_splits_than_a_workers_threads_and_nested_calls_finish(ex):
+    from genesis_core.compute import executor as executor_mod
+
+    n = executor_mod.THREADS_PER_WORKER + 2
+    xs = [torch.full((2,), float(i)) for i in range(n)]
+    outs = ex.parallel_execute(lambda x: x * 2, xs, ["w0"] * n)
+    torch.testing.assert_close(outs, [x * 2 for x in xs])
+
+    def outer(x):  # every one of w0's threads busy with outer, each of which runs parallel calls on w0 again
+        inner = ex.parallel_execute(lambda y: y + 1, [x, x], ["w0", "w0"])
+        return inner[0] + inner[1]
+
+    done, outs = _finishes(lambda: ex.parallel_execute(outer, xs[:executor_mod.THREADS_PER_WORKER],
+                                                       ["w0"] * executor_mod.THREADS_PER_WORKER))
+    assert done, "nested parallel calls on a busy worker deadlocked"
+    torch.testing.assert_close(outs, [2 * (x + 1) for x in xs[:executor_mod.THREADS_PER_WORKER]])
+
+
+def test_the_first_run_of_a_split_size_is_not_learnt_from(ex, genesis_log):
+    """First calls of a new shape pay one-off costs (plans, autotuning, cuDNN graphs, ONNX exports): the first
+    run of each split size must neither refine the fits nor count as a losing split."""
+    seen_rows = set()
+
+    def fn(x):
+        key = (current_worker(), x.shape[0])
+        if key not in seen_rows and key[0] == "w1":  # a one-off cost per size on w1 only, as a GPU that has
+            # not seen the shape yet pays (cuDNN graphs) while the other, which has, does not
+            seen_rows.add(key)
+            time.sleep(0.25)
+        time.sleep(0.001 * x.shape[0])
+        return x - 1
+
+    x = torch.randn(40, 2)
+    plan = ex.split_plan(fn, x, ["w0", "w1"])  # calibration warms up both of its sizes before timing
+    assert all(v > 0 for v in plan.values()) and abs(plan["w0"] - plan["w1"]) <= 8, plan
+    for _ in range(3):
+        torch.testing.assert_close(ex.split_execute(fn, x, ["w0", "w1"]), x - 1)
+    after = ex.split_plan(fn, x, ["w0", "w1"])
+    assert all(v > 0 for v in after.values()) and abs(after["w0"] - after["w1"]) <= 8, after
+    assert not any("only" in m for m in genesis_log), genesis_log

@@ -634,11 +634,42 @@ def choose(call: AttentionCall, servable: List[str]) -> Optional[str]:
     with _tune_lock:
         entry = lookup(sig)
         if not _known(entry, servable):
-            logger.debug(f"autotune: measuring {len(servable)} attention backends for {sig}")
-            entry = measure(call, servable)
+            missing = _unknown(entry, servable)
+            logger.debug(f"autotune: measuring {len(missing)} attention backends for {sig}")
+            fresh = measure(call, missing)
+            entry = fresh if entry is None else merge(entry, fresh)
             _log_entry(sig, entry)
             _remember(sig, entry)
     return pick(entry, servable)
+
+
+def _unknown(entry: Optional[dict], servable: Sequence[str]) -> List[str]:
+    """The servable backends ``entry`` has neither a timing nor a lasting rejection for (all if no entry)."""
+    if entry is None:
+        return list(servable)
+    ms, rejected = entry.get("ms", {}), entry.get("rejected", {})
+    return [n for n in servable if n not in ms and not (n in rejected and not _transient(rejected[n]))]
+
+
+def merge(old: dict, fresh: dict) -> dict:
+    """``old`` with the backends ``fresh`` measured (timings, errors, rejections) taken from ``fresh``.
+
+    Used when a signature is known except for backends a transient reason skipped (a memory guard, a spent
+    budget): a new exact shape in the same bucket measures just those, not every backend again (on two
+    H100s, each split size of one Flux batch re-measured all seven backends before this).
+    """
+    names = set(fresh.get("ms", {})) | set(fresh.get("rejected", {}))
+    ms = {n: t for n, t in old.get("ms", {}).items() if n not in names}
+    ms.update(fresh.get("ms", {}))
+    rejected = {n: r for n, r in old.get("rejected", {}).items() if n not in names}
+    rejected.update(fresh.get("rejected", {}))
+    ranking = sorted(ms, key=ms.get)
+    out = dict(old)
+    out.update(chosen=prefer_default(ms, ranking), ranking=ranking, ms={n: ms[n] for n in ranking}, rejected=rejected,
+               rel_err={**old.get("rel_err", {}), **fresh.get("rel_err", {})},
+               notes={**{n: v for n, v in old.get("notes", {}).items() if n not in names}, **fresh.get("notes", {})},
+               when=fresh.get("when", old.get("when")))
+    return out
 
 
 def peek(call: AttentionCall, servable: List[str]) -> Optional[str]:

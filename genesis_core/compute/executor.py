@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -41,6 +42,7 @@ INPUT = "input"  # return_device default: results go where the first input tenso
 _ONNX_OPTIONS = ("providers", "provider_options", "cache_dir", "opset_version", "exporter", "max_sessions",
                  "log_severity", "session_config")
 _local = threading.local()
+THREADS_PER_WORKER = 4  # threads a worker keeps for parallel calls (one is enough unless it appears twice in one)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -85,6 +87,29 @@ class Worker:
     total_s: float = 0.0
     last_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    pool: Optional[ThreadPoolExecutor] = field(default=None, repr=False)
+
+    def threads(self) -> ThreadPoolExecutor:
+        """This worker's own threads, kept until :meth:`close`: what libraries build per thread on first use
+        (PyTorch's cuDNN attention graph cache, cuBLAS handles, the current CUDA context) is built once per
+        thread, not on every parallel call (fresh threads per call cost ~100 ms a call on two H100s)."""
+        with self.lock:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(max_workers=THREADS_PER_WORKER,
+                                               thread_name_prefix=f"genesis-{self.name}",
+                                               initializer=_thread_init, initargs=(self.device,))
+            return self.pool
+
+    def close(self) -> None:
+        with self.lock:
+            pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
+
+
+def _thread_init(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the thread's CUDA context, before the first cuBLAS call asks for one
 
 
 def _mover(device: Optional[torch.device]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -157,6 +182,9 @@ class HeterogeneousExecutor:
         # _check_split_paid_off), and the workers the key is restricted to once they reach SPLIT_LOSSES.
         self._losses: Dict[Any, int] = {}
         self._subset: Dict[Any, Tuple[str, ...]] = {}
+        # Calibration key -> (worker, rows) pairs already run: a split size's first run pays first-call costs
+        # (a new shape: dispatch plans, cuDNN graphs, ONNX exports) and is neither learnt from nor judged.
+        self._sizes_seen: Dict[Any, set] = {}
 
     # -- registration -------------------------------------------------------------------------------
     def register_backend(self, backend: BackendLike, device: DeviceLike = None, *, name: Optional[str] = None,
@@ -192,9 +220,12 @@ class HeterogeneousExecutor:
         else:
             worker = self._runtime_worker(key, b, device, status, options)
         with self._lock:
-            if key in self._workers:
+            old = self._workers.get(key)
+            if old is not None:
                 logger.info("replacing compute worker %r", key)
             self._workers[key] = worker
+        if old is not None:
+            old.close()
         return key
 
     def _torch_device(self, b: ComputeBackend, device: DeviceLike, status: BackendStatus) -> torch.device:
@@ -257,6 +288,15 @@ class HeterogeneousExecutor:
         w = self._worker(backend)
         with self._lock:
             self._workers.pop(w.name, None)
+        w.close()
+
+    def close(self) -> None:
+        """Stop the workers' threads (idle ones exit now, busy ones after their call). The executor stays
+        usable: a later parallel call starts them again. Also happens when the executor is collected."""
+        with self._lock:
+            workers = list(self._workers.values())
+        for w in workers:
+            w.close()
 
     def registered(self) -> List[str]:
         """Worker names in registration order."""
@@ -430,15 +470,18 @@ class HeterogeneousExecutor:
                 results[i], times[i] = self._execute(workers[i], fn, args, {}, return_device, sync=sync)
 
         if n == 1:
-            futures = None
             try:
                 one(0)
             except Exception as exc:
                 failures.append((0, workers[0].name, exc))
         else:
-            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="genesis-exec") as pool:
-                futures = [pool.submit(one, i) for i in range(n)]
-            for i, fut in enumerate(futures):  # the pool's exit waited for all of them
+            if current_worker() is None:  # each split on its worker's long-lived threads
+                futures = [workers[i].threads().submit(one, i) for i in range(n)]
+                wait_all(futures)
+            else:  # fn itself runs parallel calls: fresh threads (the worker's own may all be busy with fn)
+                with ThreadPoolExecutor(max_workers=n, thread_name_prefix="genesis-nested") as pool:
+                    futures = [pool.submit(one, i) for i in range(n)]
+            for i, fut in enumerate(futures):  # all done: waited for above
                 exc = fut.exception()
                 if exc is not None:
                     failures.append((i, workers[i].name, exc))
@@ -476,7 +519,7 @@ class HeterogeneousExecutor:
         t0 = time.perf_counter()
         results, times = self._run_parallel(fn, splits, [w for w, _ in used], return_device, sync=True)
         wall = time.perf_counter() - t0
-        if calibrate:
+        if calibrate and self._sizes_known(fn, args, workers, dim, used):
             self._refine(fn, args, workers, dim, [(w, c, t) for (w, c), t in zip(used, times)])
             if len(used) > 1:
                 self._check_split_paid_off(fn, args, workers, [w.name for w, _ in used], dim, total, wall)
@@ -499,6 +542,7 @@ class HeterogeneousExecutor:
             self._calibration_keep.clear()
             self._solo.clear()
             self._losses.clear()
+            self._sizes_seen.clear()
             self._subset.clear()
             self._calibration_generation += 1
 
@@ -605,7 +649,11 @@ class HeterogeneousExecutor:
             part = self._slice(args, dim, 0, rows)
             return self._execute(worker, fn, part, {}, None, sync=True)[1]
 
-        timed(small)  # warm-up: first-call costs (allocations, kernels, ONNX export) do not count
+        # Warm-ups, one per size: first-call costs (allocations, dispatch plans and autotuning, cuDNN graphs,
+        # ONNX exports) come per shape and must not count.
+        timed(small)
+        if large > small:
+            timed(large)
         t_small = min(timed(small), timed(small))
         if large > small:
             t_large = timed(large)
@@ -615,6 +663,21 @@ class HeterogeneousExecutor:
         else:
             b, a = max(t_small / small, 1e-9), 0.0
         return [a, b]
+
+    def _sizes_known(self, fn: Callable[..., Any], args: Tuple[Any, ...], workers: List[Worker], dim: int,
+                     used: List[Tuple[Worker, int]]) -> bool:
+        """Whether every worker of this run had run its row count before (for this key); records them."""
+        key, _ = self._calibration_key(fn, args, workers, dim)
+        pairs = {(w.name, c) for w, c in used}
+        with self._calibration_lock:
+            if key not in self._calibration:
+                return False
+            seen = self._sizes_seen.setdefault(key, set())
+            known = pairs <= seen
+            seen |= pairs
+            if len(seen) > 4096:  # a key whose sizes never settle: keep the memory bounded
+                seen.clear()
+        return known
 
     def _check_split_paid_off(self, fn: Callable[..., Any], args: Tuple[Any, ...], workers: List[Worker],
                               ran: List[str], dim: int, total: int, wall: float) -> None:
