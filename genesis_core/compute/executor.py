@@ -463,11 +463,16 @@ class HeterogeneousExecutor:
         # worker threads start with autograd on; carry the caller's no_grad / inference_mode over
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
+        prepared = [_prepare(split, w, return_device) if n > 1 else None for split, w in zip(splits, workers)]
+
         def one(i: int) -> None:
-            split = splits[i]
-            args = split if isinstance(split, tuple) else (split,)
+            if prepared[i] is None:
+                split = splits[i]
+                args, ret = (split if isinstance(split, tuple) else (split,)), return_device
+            else:
+                args, ret = prepared[i]
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                results[i], times[i] = self._execute(workers[i], fn, args, {}, return_device, sync=sync)
+                results[i], times[i] = self._execute(workers[i], fn, args, {}, ret, sync=sync)
 
         if n == 1:
             try:
@@ -769,8 +774,29 @@ class HeterogeneousExecutor:
                     w.total_s = w.last_s = 0.0
 
 
+def _prepare(split: Any, worker: Worker, return_device: DeviceLike) -> Tuple[Tuple[Any, ...], DeviceLike]:
+    """A parallel split's arguments with tensors from *another GPU* already on the worker's device, and its
+    return device resolved (``"input"`` = where its first tensor was).
+
+    Runs in the calling thread before any split is started: a copy between GPUs waits for the work already
+    queued on the source GPU, so made from the worker's thread after the source GPU's own split was queued,
+    it would wait for that split and the GPUs would take turns (seen on two H100s). Host tensors still move
+    in the worker threads, where the copies to different GPUs overlap.
+    """
+    args = split if isinstance(split, tuple) else (split,)
+    if isinstance(return_device, str) and return_device == INPUT:
+        first = first_tensor(args)
+        return_device = first.device if first is not None else worker.device
+    dev = worker.device
+    if worker.runner is None and dev.type != "cpu":
+        args = map_tensors(args, lambda t: t.to(dev) if t.device.type != "cpu" and t.device != dev else t)
+    return args, return_device
+
+
 def _gather(results: List[Any], dim: int) -> Any:
     first = results[0]
+    if len(results) == 1:  # one worker ran it all (a pinned or one-worker split): no concatenating copy
+        return first
     if isinstance(first, torch.Tensor):
         return torch.cat(results, dim=dim)
     if isinstance(first, (list, tuple)):

@@ -166,7 +166,7 @@ def check_and_scale(ex, name, fn, inputs, ref, label, d0, d1, rounds):
             and where == sorted({str(d0), str(d1)}),
             f"{name}: two GPUs equal one GPU", shape=label, rel_err_parallel_vs_single=e_par,
             rel_err_split_vs_single=e_gath, rel_err_single_vs_fp32_ref=e_ref, tolerance=tol, halves_on=where,
-            split_plan=plan, gathered_on=str(gathered.device), attention_backend=genesis_core.last_backend())
+            split_plan=plan, gathered_on=str(gathered.device))
         del single, par, gathered, par_cat
         fns = {
             "one GPU (cuda:0)": lambda: ex.execute_on_backend("cuda:0", fn, *inputs0),
@@ -292,9 +292,11 @@ def main():
     steps = [
         ("flux_attention B=4", lambda: check_and_scale(ex, "flux_attention", *workload_flux_attention(4, g), d0, d1, rounds)),
         ("flux_attention B=16", lambda: check_and_scale(ex, "flux_attention", *workload_flux_attention(16, g), d0, d1, rounds)),
+        ("flux_attention B=32", lambda: check_and_scale(ex, "flux_attention", *workload_flux_attention(32, g), d0, d1, rounds)),
     ]
-    cross = workload_cross_attention(64, g)
-    steps.append(("cross_attention B=64", lambda: check_and_scale(ex, "cross_attention", *cross[:4], d0, d1, rounds)))
+    for b in (64, 256):
+        cross = workload_cross_attention(b, g)
+        steps.append((f"cross_attention B={b}", lambda c=cross: check_and_scale(ex, "cross_attention", *c[:4], d0, d1, rounds)))
     steps.append(("replicas", lambda: replicas(d0, d1, g, rounds)))
     small = workload_cross_attention(16, g)
     steps.append(("three-way cross_attention", lambda: three_way(ex, "cross_attention B=16", small[0], small[1], d0, 8)))
@@ -310,6 +312,10 @@ def main():
         if not DRY:
             torch.cuda.empty_cache()
     REPORT["executor_stats"] = ex.stats()
+    # the throughput fits (time = a + b * rows) each split measured, worker alone: a and b in ms
+    REPORT["solo_fits_ms"] = [{w: [round(a * 1e3, 4), round(b * 1e3, 4)] for w, (a, b) in fits.items()}
+                              for fits in ex._solo.values()]
+    print("solo fits (a, b) ms:", REPORT["solo_fits_ms"])
     REPORT["failed"] = FAILED
     out = os.environ.get("OUT")
     if out:
