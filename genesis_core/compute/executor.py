@@ -163,6 +163,7 @@ class HeterogeneousExecutor:
     _genesis_opaque = True  # model discovery does not search the executor (a node may hold one)
     SPLIT_MARGIN = 0.10  # a split "loses" when slower than the best single worker's prediction by more than this
     SPLIT_LOSSES = 2  # consecutive losing splits before a key drops to the best smaller set of workers
+    SPLIT_STICKY = 0.05  # a refined plan replaces the last one only if a share moves by more than this of the batch
 
     def __init__(self) -> None:
         self._workers: Dict[str, Worker] = {}
@@ -185,6 +186,10 @@ class HeterogeneousExecutor:
         # Calibration key -> (worker, rows) pairs already run: a split size's first run pays first-call costs
         # (a new shape: dispatch plans, cuDNN graphs, ONNX exports) and is neither learnt from nor judged.
         self._sizes_seen: Dict[Any, set] = {}
+        # (calibration key, batch size) -> the rows per worker last planned. Refinement moves the fits a little
+        # after every run; replanning each time would give new split sizes, i.e. new shapes and their first-call
+        # costs, on every other call (seen on two H100s). Kept unless a share moves by more than SPLIT_STICKY.
+        self._last_counts: Dict[Any, List[int]] = {}
 
     # -- registration -------------------------------------------------------------------------------
     def register_backend(self, backend: BackendLike, device: DeviceLike = None, *, name: Optional[str] = None,
@@ -548,6 +553,7 @@ class HeterogeneousExecutor:
             self._solo.clear()
             self._losses.clear()
             self._sizes_seen.clear()
+            self._last_counts.clear()
             self._subset.clear()
             self._calibration_generation += 1
 
@@ -608,12 +614,13 @@ class HeterogeneousExecutor:
                 if models is not None:
                     allowed = self._subset.get(key)
                     if allowed is None:
-                        return plan_shares(total, [tuple(models[w.name]) for w in workers])
-                    idx = [i for i, w in enumerate(workers) if w.name in allowed]
-                    counts = [0] * len(workers)
-                    for i, c in zip(idx, plan_shares(total, [tuple(models[workers[i].name]) for i in idx])):
-                        counts[i] = c
-                    return counts
+                        counts = plan_shares(total, [tuple(models[w.name]) for w in workers])
+                    else:
+                        idx = [i for i, w in enumerate(workers) if w.name in allowed]
+                        counts = [0] * len(workers)
+                        for i, c in zip(idx, plan_shares(total, [tuple(models[workers[i].name]) for i in idx])):
+                            counts[i] = c
+                    return self._sticky(key, total, counts)
                 busy = self._calibrating.get(key)
                 if busy is None:
                     done = threading.Event()
@@ -661,13 +668,25 @@ class HeterogeneousExecutor:
             timed(large)
         t_small = min(timed(small), timed(small))
         if large > small:
-            t_large = timed(large)
+            t_large = min(timed(large), timed(large))  # one-off stalls (allocator, page faults) of ~50 ms seen on H100s
             b = (t_large - t_small) / (large - small)
             b = max(b, 0.05 * t_large / large, 1e-9)  # noise can make the slope tiny or negative
             a = max(t_small - b * small, 0.0)
         else:
             b, a = max(t_small / small, 1e-9), 0.0
         return [a, b]
+
+    def _sticky(self, key: Any, total: int, counts: List[int]) -> List[int]:
+        """``counts``, or the rows last planned for this key and batch size when no share moved by more than
+        ``SPLIT_STICKY`` of the batch (and the same workers take part). Called with the calibration lock held."""
+        prev = self._last_counts.get((key, total))
+        if prev is not None and len(prev) == len(counts) and all((p == 0) == (c == 0) for p, c in zip(prev, counts)):
+            if max(abs(p - c) for p, c in zip(prev, counts)) <= max(1, int(self.SPLIT_STICKY * total)):
+                return list(prev)
+        if len(self._last_counts) >= 4096:
+            self._last_counts.clear()
+        self._last_counts[(key, total)] = list(counts)
+        return counts
 
     def _sizes_known(self, fn: Callable[..., Any], args: Tuple[Any, ...], workers: List[Worker], dim: int,
                      used: List[Tuple[Worker, int]]) -> bool:
