@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -449,7 +450,8 @@ def test_more_splits_than_a_workers_threads_and_nested_calls_finish(ex):
 
 def test_the_first_run_of_a_split_size_is_not_learnt_from(ex, genesis_log):
     """First calls of a new shape pay one-off costs (plans, autotuning, cuDNN graphs, ONNX exports): the first
-    run of each split size must neither refine the fits nor count as a losing split."""
+    run of each split size must neither refine the fits nor count as a losing split. w1 is half as fast per row,
+    so the plan (about 24/12 of 36) uses sizes calibration (4 and 18 rows) never ran."""
     seen_rows = set()
 
     def fn(x):
@@ -457,18 +459,107 @@ def test_the_first_run_of_a_split_size_is_not_learnt_from(ex, genesis_log):
         if key not in seen_rows and key[0] == "w1":  # a one-off cost per size on w1 only, as a GPU that has
             # not seen the shape yet pays (cuDNN graphs) while the other, which has, does not
             seen_rows.add(key)
-            time.sleep(0.25)
-        time.sleep(0.001 * x.shape[0])
+            time.sleep(0.3)
+        time.sleep((0.002 if key[0] == "w0" else 0.004) * x.shape[0])
         return x - 1
 
-    x = torch.randn(40, 2)
+    x = torch.randn(36, 2)
     plan = ex.split_plan(fn, x, ["w0", "w1"])  # calibration warms up both of its sizes before timing
-    assert all(v > 0 for v in plan.values()) and abs(plan["w0"] - plan["w1"]) <= 8, plan
+    assert 20 <= plan["w0"] <= 28 and plan["w0"] + plan["w1"] == 36, plan
+    assert plan["w1"] not in (4, 18), plan  # the first real run is a new size for w1: it pays the one-off cost
     for _ in range(3):
         torch.testing.assert_close(ex.split_execute(fn, x, ["w0", "w1"]), x - 1)
     after = ex.split_plan(fn, x, ["w0", "w1"])
-    assert all(v > 0 for v in after.values()) and abs(after["w0"] - after["w1"]) <= 8, after
+    assert 20 <= after["w0"] <= 28, after
     assert not any("only" in m for m in genesis_log), genesis_log
+
+
+def test_splits_on_one_worker_all_run_at_once_and_nested_calls_through_other_threads_finish(ex):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from genesis_core.compute import executor as executor_mod
+
+    n = executor_mod.THREADS_PER_WORKER + 1
+    barrier = threading.Barrier(n, timeout=10)  # fails unless all n splits run at the same time
+    outs = ex.parallel_execute(lambda x: (barrier.wait(), x * 3)[1], [torch.ones(1)] * n, ["w0"] * n)
+    torch.testing.assert_close(outs, [torch.full((1,), 3.0)] * n)
+
+    helper = ThreadPoolExecutor(8)  # fn hands a parallel call to another thread and waits for it
+    try:
+        def outer(x):
+            return helper.submit(ex.parallel_execute, lambda y: y + 1, [x, x], ["w0", "w0"]).result()[0]
+
+        k = executor_mod.THREADS_PER_WORKER
+        done, outs = _finishes(lambda: ex.parallel_execute(outer, [torch.ones(1)] * k, ["w0"] * k), timeout=30)
+        assert done, "a parallel call made from a thread that fn waits on deadlocked on the busy worker"
+        torch.testing.assert_close(outs, [torch.full((1,), 2.0)] * k)
+    finally:
+        helper.shutdown(wait=False)
+
+
+def test_a_worker_pool_shut_down_meanwhile_or_inherited_by_a_fork_still_runs(ex, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    w = ex._worker("w0")
+    pool = w.reserve()
+    w.release(pool)
+    pool.shutdown()  # as close() or a replaced worker can do between reserving and submitting
+    torch.testing.assert_close(ex.parallel_execute(lambda x: x + 1, [torch.ones(1)] * 2, ["w0", "w1"]),
+                               [torch.full((1,), 2.0)] * 2)
+    if not hasattr(__import__("os"), "fork"):
+        pytest.skip("no os.fork on this platform")
+    script = tmp_path / "fork_child.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys, torch
+        from genesis_core.compute import ComputeBackend, HeterogeneousExecutor
+        ex = HeterogeneousExecutor()
+        for n in ("w0", "w1"):
+            ex.register_backend(ComputeBackend.CPU, name=n)
+        ex.parallel_execute(lambda x: x + 1, [torch.ones(1)] * 2, ["w0", "w1"])  # the parent's threads exist
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(20)  # a child waiting on the parent's (absent) threads dies here
+            out = ex.parallel_execute(lambda x: x + 1, [torch.ones(1)] * 2, ["w0", "w1"])
+            os._exit(0 if all(float(o) == 2.0 for o in out) else 3)
+        _, status = os.waitpid(pid, 0)
+        sys.exit(0 if status == 0 else 1)
+    """))
+    import os
+
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=repo, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_split_that_fails_to_move_fails_alone(ex):
+    """A tensor from another GPU is moved before the splits start; if that move fails (here: a fake CUDA worker
+    on a machine without CUDA), that split fails and the others still finish."""
+    w1 = ex._worker("w1")
+    real = w1.device
+    w1.device = torch.device("cuda", 0)
+    try:
+        with pytest.raises(ParallelExecutionError) as info:
+            ex.parallel_execute(lambda x: x + 1, [torch.ones(2), torch.ones(2, device="meta")], ["w0", "w1"])
+    finally:
+        w1.device = real
+    err = info.value
+    assert [(i, name) for i, name, _ in err.failures] == [(1, "w1")]
+    torch.testing.assert_close(err.results[0], torch.full((2,), 2.0))
+    assert ex.stats()["w1"]["errors"] == 1
+
+
+def test_a_split_on_one_worker_never_hands_back_the_batch_itself(ex):
+    x = torch.randn(8, 3)
+    keep = x.clone()
+    for fn in (lambda t: t, lambda t: t[:, :2], lambda t: t.t().t(), lambda t: t * 2):
+        out = ex.split_execute(fn, x, ["w0"])
+        torch.testing.assert_close(out, fn(keep))
+        assert out.is_contiguous()
+        out.add_(1)
+        torch.testing.assert_close(x, keep)  # writing the result never writes the caller's batch
 
 
 def test_split_sizes_stay_put_while_refinement_only_jitters(ex):

@@ -19,6 +19,7 @@ explicit, zero-overhead alternative.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -88,28 +89,48 @@ class Worker:
     last_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     pool: Optional[ThreadPoolExecutor] = field(default=None, repr=False)
+    pool_pid: int = 0
+    busy: int = 0  # jobs running or queued on ``pool``
 
-    def threads(self) -> ThreadPoolExecutor:
-        """This worker's own threads, kept until :meth:`close`: what libraries build per thread on first use
-        (PyTorch's cuDNN attention graph cache, cuBLAS handles, the current CUDA context) is built once per
-        thread, not on every parallel call (fresh threads per call cost ~100 ms a call on two H100s)."""
+    def reserve(self) -> Optional[ThreadPoolExecutor]:
+        """One of this worker's own threads for a job, or None when all ``THREADS_PER_WORKER`` are taken.
+
+        The threads are kept until :meth:`close`: what libraries build per thread on first use (PyTorch's
+        cuDNN attention graph cache, cuBLAS handles, the current CUDA context) is built once per thread, not
+        on every parallel call (fresh threads per call cost ~100 ms a call on two H100s). A job is only handed
+        a thread that is free now, never queued behind another job: when None comes back the caller runs it on
+        a fresh thread, so splits of one call all run at once and a call made from inside ``fn`` (directly or
+        from a thread ``fn`` waits on) cannot deadlock on a busy worker. Pair with :meth:`release`.
+        """
         with self.lock:
-            if self.pool is None:
+            if self.pool is None or self.pool_pid != os.getpid():  # new, or a forked child's dead copy
                 self.pool = ThreadPoolExecutor(max_workers=THREADS_PER_WORKER,
                                                thread_name_prefix=f"genesis-{self.name}",
                                                initializer=_thread_init, initargs=(self.device,))
+                self.pool_pid, self.busy = os.getpid(), 0
+            if self.busy >= THREADS_PER_WORKER:
+                return None
+            self.busy += 1
             return self.pool
+
+    def release(self, pool: ThreadPoolExecutor) -> None:
+        with self.lock:
+            if pool is self.pool:
+                self.busy -= 1
 
     def close(self) -> None:
         with self.lock:
-            pool, self.pool = self.pool, None
-        if pool is not None:
-            pool.shutdown(wait=False)
+            pool, self.pool, self.busy = self.pool, None, 0
+        if pool is not None and self.pool_pid == os.getpid():
+            pool.shutdown(wait=False)  # queued jobs still run; idle threads exit
 
 
 def _thread_init(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.set_device(device)  # the thread's CUDA context, before the first cuBLAS call asks for one
+        try:  # the thread's CUDA context, before the first cuBLAS call asks for one
+            torch.cuda.set_device(device)
+        except Exception:  # noqa: BLE001 - a failing initializer breaks the pool; the job will say what is wrong
+            pass
 
 
 def _mover(device: Optional[torch.device]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -468,12 +489,23 @@ class HeterogeneousExecutor:
         # worker threads start with autograd on; carry the caller's no_grad / inference_mode over
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
-        prepared = [_prepare(split, w, return_device) if n > 1 else None for split, w in zip(splits, workers)]
+        prepared: List[Any] = [None] * n
+        if n > 1:
+            for i, (split, w) in enumerate(zip(splits, workers)):
+                try:
+                    prepared[i] = _prepare(split, w, return_device)
+                except Exception as exc:  # noqa: BLE001 - this split fails; the others still run
+                    prepared[i] = exc
 
         def one(i: int) -> None:
             if prepared[i] is None:
                 split = splits[i]
                 args, ret = (split if isinstance(split, tuple) else (split,)), return_device
+            elif isinstance(prepared[i], BaseException):
+                with workers[i].lock:
+                    workers[i].calls += 1
+                    workers[i].errors += 1
+                raise prepared[i]
             else:
                 args, ret = prepared[i]
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
@@ -485,12 +517,25 @@ class HeterogeneousExecutor:
             except Exception as exc:
                 failures.append((0, workers[0].name, exc))
         else:
-            if current_worker() is None:  # each split on its worker's long-lived threads
-                futures = [workers[i].threads().submit(one, i) for i in range(n)]
-                wait_all(futures)
-            else:  # fn itself runs parallel calls: fresh threads (the worker's own may all be busy with fn)
-                with ThreadPoolExecutor(max_workers=n, thread_name_prefix="genesis-nested") as pool:
-                    futures = [pool.submit(one, i) for i in range(n)]
+            futures: List[Any] = [None] * n
+            spill = []
+            for i in range(n):  # each split on a free thread of its worker's own, else on a fresh one
+                pool = workers[i].reserve()
+                if pool is not None:
+                    try:
+                        futures[i] = pool.submit(one, i)
+                    except RuntimeError:  # shut down meanwhile (close(), the worker replaced): a fresh thread
+                        workers[i].release(pool)
+                    else:
+                        futures[i].add_done_callback(lambda _f, w=workers[i], p=pool: w.release(p))
+                if futures[i] is None:
+                    spill.append(i)
+            if spill:
+                extra = ThreadPoolExecutor(max_workers=len(spill), thread_name_prefix="genesis-extra")
+                for i in spill:
+                    futures[i] = extra.submit(one, i)
+                extra.shutdown(wait=False)
+            wait_all(futures)
             for i, fut in enumerate(futures):  # all done: waited for above
                 exc = fut.exception()
                 if exc is not None:
@@ -507,8 +552,8 @@ class HeterogeneousExecutor:
 
         ``batch`` is a tensor or a tuple of positional arguments; every tensor in it is split along ``dim``
         (all must have the same size there), other values go to every part. The first time a
-        ``(fn, per-row shapes, backends)`` combination is seen, each worker runs two short calibration
-        slices (after a warm-up) to fit ``time = a + b * rows``; the shares then make all workers finish
+        ``(fn, per-row shapes, backends)`` combination is seen, each worker alone runs N/8 and N/2 rows (a
+        warm-up of each, then the faster of two runs of each) to fit ``time = a + b * rows``; the shares then make all workers finish
         together (:func:`plan_shares`), and each real run refines ``b`` from what it observed. Results
         (tensors, or tuples/lists/dicts of them) are concatenated along ``dim`` on ``return_device``.
         ``calibrate=False`` splits evenly (before any measurement exists).
@@ -536,6 +581,8 @@ class HeterogeneousExecutor:
         if return_device is None:
             home = first_tensor(results[0])
             results = [map_tensors(r, _mover(home.device if home is not None else None)) for r in results]
+        if len(results) == 1 and _owns_memory(results[0], args):
+            return results[0]  # one worker ran it all (a restricted split): no concatenating copy
         return _gather(results, dim)
 
     def split_plan(self, fn: Callable[..., Any], batch: Any, backends: Optional[Sequence[BackendLike]] = None,
@@ -543,7 +590,7 @@ class HeterogeneousExecutor:
         """Rows each worker would get for ``batch`` (calibrating first if needed), without running the split."""
         workers = self._split_workers(backends)
         args, total = self._batch_args(batch, dim)
-        return {w.name: c for w, c in zip(workers, self._plan(fn, args, total, workers, dim, calibrate))}
+        return {w.name: c for w, c in zip(workers, self._plan(fn, args, total, workers, dim, calibrate, remember=False))}
 
     def clear_calibration(self) -> None:
         """Forget every throughput measurement (the next split calibrates again)."""
@@ -601,7 +648,7 @@ class HeterogeneousExecutor:
         return (fkey, rows, tuple(w.name for w in workers)), keep
 
     def _plan(self, fn: Callable[..., Any], args: Tuple[Any, ...], total: int, workers: List[Worker], dim: int,
-              calibrate: bool) -> List[int]:
+              calibrate: bool, remember: bool = True) -> List[int]:
         if len(workers) == 1:
             return [total]
         if not calibrate:
@@ -620,7 +667,7 @@ class HeterogeneousExecutor:
                         counts = [0] * len(workers)
                         for i, c in zip(idx, plan_shares(total, [tuple(models[workers[i].name]) for i in idx])):
                             counts[i] = c
-                    return self._sticky(key, total, counts)
+                    return self._sticky(key, total, counts, remember)
                 busy = self._calibrating.get(key)
                 if busy is None:
                     done = threading.Event()
@@ -676,9 +723,10 @@ class HeterogeneousExecutor:
             b, a = max(t_small / small, 1e-9), 0.0
         return [a, b]
 
-    def _sticky(self, key: Any, total: int, counts: List[int]) -> List[int]:
+    def _sticky(self, key: Any, total: int, counts: List[int], remember: bool = True) -> List[int]:
         """``counts``, or the rows last planned for this key and batch size when no share moved by more than
-        ``SPLIT_STICKY`` of the batch (and the same workers take part). Called with the calibration lock held."""
+        ``SPLIT_STICKY`` of the batch (and the same workers take part); ``remember=False`` (``split_plan``)
+        answers without recording. Called with the calibration lock held."""
         prev = self._last_counts.get((key, total))
         if prev is not None and len(prev) == len(counts) and all((p == 0) == (c == 0) for p, c in zip(prev, counts)):
             if max(abs(p - c) for p, c in zip(prev, counts)) <= max(1, int(self.SPLIT_STICKY * total)):
@@ -698,21 +746,23 @@ class HeterogeneousExecutor:
                 return False
             seen = self._sizes_seen.setdefault(key, set())
             known = pairs <= seen
-            seen |= pairs
             if len(seen) > 4096:  # a key whose sizes never settle: keep the memory bounded
                 seen.clear()
+            seen |= pairs
         return known
 
     def _check_split_paid_off(self, fn: Callable[..., Any], args: Tuple[Any, ...], workers: List[Worker],
                               ran: List[str], dim: int, total: int, wall: float) -> None:
-        """After a real split over the workers ``ran``: did it beat every smaller set of them?
+        """After a real split over the workers ``ran``: did it beat the sets made of its fastest workers?
 
         The references are predictions from each worker's fit as measured alone (not the refined one, which
         absorbs contention): for the fastest worker alone, the fastest two split, and so on (workers ranked
         by their solo time for the whole batch; a set's prediction is the finish time :func:`plan_shares`
-        gives it). The fits are made one worker at a time, so they miss contention (a CPU kernel starving the
-        thread that feeds a GPU) - but the split's wall time also holds costs a solo fit does not (thread
-        start-up, result copies) and one run can be slow for unrelated reasons. So a split *loses* only when
+        gives it; only these nested sets are tried, not every subset, so a fast worker that slows the others
+        is not the one dropped first). The fits are made one worker at a time, so they miss contention (a CPU
+        kernel starving the thread that feeds a GPU) - but the split's wall time also holds costs a solo fit
+        does not (the hand-off to the worker threads, result copies, the concatenation) and one run can be
+        slow for unrelated reasons. So a split *loses* only when
         its wall time exceeds the best smaller set's prediction by more than ``SPLIT_MARGIN``, and only
         ``SPLIT_LOSSES`` consecutive losses restrict the key to that set (a win resets the count): with CPU,
         cuda:0 and cuda:1, a CPU that slows the GPUs drops out and the two GPUs keep splitting; a set that
@@ -812,10 +862,20 @@ def _prepare(split: Any, worker: Worker, return_device: DeviceLike) -> Tuple[Tup
     return args, return_device
 
 
+def _owns_memory(result: Any, args: Tuple[Any, ...]) -> bool:
+    """Whether ``result`` is one contiguous tensor sharing no memory with the batch (so it can be returned as
+    it is: what a concatenation would give, without the copy)."""
+    if not isinstance(result, torch.Tensor) or not result.is_contiguous():
+        return False
+    try:
+        ptr = result.untyped_storage().data_ptr()
+        return all(t.untyped_storage().data_ptr() != ptr for t in iter_tensors(args))
+    except Exception:  # noqa: BLE001 - no plain storage (sparse, nested, subclasses): copy as before
+        return False
+
+
 def _gather(results: List[Any], dim: int) -> Any:
     first = results[0]
-    if len(results) == 1:  # one worker ran it all (a pinned or one-worker split): no concatenating copy
-        return first
     if isinstance(first, torch.Tensor):
         return torch.cat(results, dim=dim)
     if isinstance(first, (list, tuple)):
