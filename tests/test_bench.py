@@ -142,6 +142,10 @@ def _summ(ratio, paired=None, same=None, chosen="sdpa", best="sdpa_cudnn", kerne
 
 def test_choice_verdict_logic():
     ok, text = bench.choice_verdict(_summ(1.10, paired=1.08, same=True, kernels=["cudnn_sdpa_fprop_kernel"]))
+    assert ok is False and "+8.0%" in text and "same device kernel (cudnn_sdpa_fprop_kernel)" in text
+    ok, text = bench.choice_verdict(_summ(1.10, paired=1.01, same=True, kernels=["cudnn_sdpa_fprop_kernel"]))
+    assert ok is True and "+1.0%" in text and "same device kernel as the fastest row: cudnn_sdpa_fprop_kernel" in text
+    ok, text = bench.choice_verdict(_summ(1.10, same=True, kernels=["cudnn_sdpa_fprop_kernel"]))  # no alternation
     assert ok is True
     assert text.startswith("same kernel as the fastest row: cudnn_sdpa_fprop_kernel") and "timing noise" in text
     ok, text = bench.choice_verdict(_summ(1.10, paired=1.08, same=False))
@@ -222,13 +226,13 @@ def test_choice_other_than_fastest_is_paired_and_judged(tmp_path, capsys, slow_c
     assert s["choice_ok"] is False and isinstance(s["choice_verdict"], str) and "alternately" in s["choice_verdict"]
 
 
-def test_same_kernel_makes_a_slower_row_ok(monkeypatch, slow_correct_backend):
+def test_same_kernel_does_not_excuse_a_choice_slower_when_timed_alternately(monkeypatch, slow_correct_backend):
     monkeypatch.setattr(bench, "device_kernels", lambda fn, device: ["cudnn_fprop_kernel"])
     _, (s,) = bench.bench_attention(bench.parse_shapes("tiny"), ["sdpa", "bench_slow"], True,
                                     torch.device("cpu"), torch.float32, 2, 1, 1000.0, False, 0)
     assert s["choice_vs_fastest"] > 1.03 and s["choice_vs_fastest_paired"] > 1.03
     assert s["same_kernel"] is True and s["chosen_kernels"] == ["cudnn_fprop_kernel"]
-    assert s["choice_ok"] is True and s["choice_verdict"].startswith("same kernel as the fastest row: cudnn_fprop_kernel")
+    assert s["choice_ok"] is False and "same device kernel (cudnn_fprop_kernel)" in s["choice_verdict"]
 
 
 def test_paired_timing_respects_the_budget(slow_correct_backend):

@@ -635,6 +635,10 @@ def choose(call: AttentionCall, servable: List[str]) -> Optional[str]:
         entry = lookup(sig)
         if not _known(entry, servable):
             missing = _unknown(entry, servable)
+            if entry is not None:  # time the stored winner again beside them: same shape, same moment
+                best = pick(entry, [n for n in servable if n not in missing])
+                if best is not None:
+                    missing.append(best)
             logger.debug(f"autotune: measuring {len(missing)} attention backends for {sig}")
             fresh = measure(call, missing)
             entry = fresh if entry is None else merge(entry, fresh)
@@ -656,7 +660,9 @@ def merge(old: dict, fresh: dict) -> dict:
 
     Used when a signature is known except for backends a transient reason skipped (a memory guard, a spent
     budget): a new exact shape in the same bucket measures just those, not every backend again (on two
-    H100s, each split size of one Flux batch re-measured all seven backends before this).
+    H100s, each split size of one Flux batch re-measured all seven backends before this). The stored winner
+    is measured again with them, so the choice between it and a newcomer compares one shape at one moment
+    (shapes in a bucket differ by up to ~1.4x per dimension); ``shape`` and ``when`` become ``fresh``'s.
     """
     names = set(fresh.get("ms", {})) | set(fresh.get("rejected", {}))
     ms = {n: t for n, t in old.get("ms", {}).items() if n not in names}
@@ -668,7 +674,7 @@ def merge(old: dict, fresh: dict) -> dict:
     out.update(chosen=prefer_default(ms, ranking), ranking=ranking, ms={n: ms[n] for n in ranking}, rejected=rejected,
                rel_err={**old.get("rel_err", {}), **fresh.get("rel_err", {})},
                notes={**{n: v for n, v in old.get("notes", {}).items() if n not in names}, **fresh.get("notes", {})},
-               when=fresh.get("when", old.get("when")))
+               when=fresh.get("when", old.get("when")), shape=fresh.get("shape", old.get("shape")))
     return out
 
 

@@ -75,7 +75,7 @@ for name, b in env["backends"].items():
 bad = 0
 print(f"\n{'shape':<18} {'fastest correct':<16} {'ms':>8} {'TFLOP/s':>8} | {'AUTO ->':<15} {'ms':>8} {'vs best':>8} {'choice':>8}")
 print("  (vs best: the AUTO row, dispatch included; choice: the chosen kernel's own row; target: choice within 3%,\n"
-      "   or within 3% timed alternately with the fastest, or the same device kernel as the fastest)")
+      "   or within 3% timed alternately with the fastest; the same device kernel decides only without that timing)")
 rows = {(r["shape"], r["backend"]): r for r in d.get("attention", [])}
 for s in d.get("summary", []):
     best = rows.get((s["shape"], s["fastest_correct"]), {})
