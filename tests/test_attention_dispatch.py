@@ -430,8 +430,10 @@ def test_direct_path_failure_is_dropped_and_falls_back(genesis_log, run_works):
             assert last_backend() == ("direct_test" if run_works else "sdpa")
         assert len(direct_calls) == 1, "a direct path that raised is not tried again for that signature"
         assert len(run_calls) == (3 if run_works else 1)
-        fails = [m for m in genesis_log if "'direct_test' failed" in m]
+        fails = [m for m in genesis_log if "'direct_test' failed" in m and "direct path" not in m]
         assert len(fails) == (0 if run_works else 1)
+        direct_logs = [m for m in genesis_log if "direct path of attention backend 'direct_test' failed" in m]
+        assert len(direct_logs) == 1 and "direct kernel exploded" in direct_logs[0], genesis_log
     finally:
         registry.unregister("direct_test")
         clear_plans()

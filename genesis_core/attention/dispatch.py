@@ -354,8 +354,13 @@ def eager_attention(q, k, v, mask, backend, layout, scale) -> torch.Tensor:
             _tls.last = plan.direct_name
             return out
         except Exception as exc:  # the general path below runs that backend's run(call): it logs and falls back
-            if not isinstance(exc, torch.cuda.OutOfMemoryError):
+            transient = isinstance(exc, torch.cuda.OutOfMemoryError)
+            if not transient:
                 plan.direct = None  # not again for this signature (out of memory can pass)
+            log_once(("direct", plan.direct_name, first_line(exc, 300)),
+                     f"direct path of attention backend '{plan.direct_name}' failed ({first_line(exc, 300)}); "
+                     f"{'this call' if transient else 'this signature from now on'} goes through its run(call) "
+                     f"and the usual fallback: {plan.signature}")
     if layout == "BHND" and mask is None:  # the common case, without _make_call's branches
         call = AttentionCall(q, k, v, None, plan.default_scale if scale is None else float(scale))
     else:
