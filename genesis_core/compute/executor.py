@@ -92,6 +92,16 @@ class Worker:
     pool_pid: int = 0
     busy: int = 0  # jobs running or queued on ``pool``
 
+    def record(self, seconds: float, failed: bool = False) -> None:
+        """Count one call (telemetry for :meth:`HeterogeneousExecutor.stats`)."""
+        with self.lock:
+            self.calls += 1
+            self.total_s += seconds
+            if failed:
+                self.errors += 1
+            else:
+                self.last_s = seconds
+
     def reserve(self) -> Optional[ThreadPoolExecutor]:
         """One of this worker's own threads for a job, or None when all ``THREADS_PER_WORKER`` are taken.
 
@@ -391,11 +401,7 @@ class HeterogeneousExecutor:
 
     def _execute(self, worker: Worker, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any],
                  return_device: DeviceLike, sync: bool = False) -> Tuple[Any, float]:
-        first = first_tensor((args, kwargs))
-        if isinstance(return_device, str) and return_device == INPUT:
-            target = first.device if first is not None else worker.device
-        else:
-            target = torch.device(return_device) if return_device is not None else None
+        target = _return_target((args, kwargs), return_device, worker)
         previous = getattr(_local, "worker", None)
         _local.worker = worker.name
         t0 = time.perf_counter()
@@ -408,18 +414,12 @@ class HeterogeneousExecutor:
                 synchronize(worker.device)
             out = map_tensors(out, _mover(target))
         except BaseException:
-            with worker.lock:
-                worker.calls += 1
-                worker.errors += 1
-                worker.total_s += time.perf_counter() - t0
+            worker.record(time.perf_counter() - t0, failed=True)
             raise
         finally:
             _local.worker = previous
         elapsed = time.perf_counter() - t0
-        with worker.lock:
-            worker.calls += 1
-            worker.total_s += elapsed
-            worker.last_s = elapsed
+        worker.record(elapsed)
         return out, elapsed
 
     def _run_torch(self, worker: Worker, fn: Callable[..., Any], args: Tuple[Any, ...],
@@ -490,24 +490,17 @@ class HeterogeneousExecutor:
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
         prepared: List[Any] = [None] * n
-        if n > 1:
-            for i, (split, w) in enumerate(zip(splits, workers)):
-                try:
-                    prepared[i] = _prepare(split, w, return_device)
-                except Exception as exc:  # noqa: BLE001 - this split fails; the others still run
-                    prepared[i] = exc
+        for i, (split, w) in enumerate(zip(splits, workers)):
+            try:
+                prepared[i] = _prepare(split, w, return_device)
+            except Exception as exc:  # noqa: BLE001 - this split fails; the others still run
+                prepared[i] = exc
 
         def one(i: int) -> None:
-            if prepared[i] is None:
-                split = splits[i]
-                args, ret = (split if isinstance(split, tuple) else (split,)), return_device
-            elif isinstance(prepared[i], BaseException):
-                with workers[i].lock:
-                    workers[i].calls += 1
-                    workers[i].errors += 1
+            if isinstance(prepared[i], BaseException):
+                workers[i].record(0.0, failed=True)
                 raise prepared[i]
-            else:
-                args, ret = prepared[i]
+            args, ret = prepared[i]
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 results[i], times[i] = self._execute(workers[i], fn, args, {}, ret, sync=sync)
 
@@ -565,7 +558,8 @@ class HeterogeneousExecutor:
             raise TypeError(f"fn must be callable; got {type(fn).__name__}")
         workers = self._split_workers(backends)
         args, total = self._batch_args(batch, dim)
-        counts = self._plan(fn, args, total, workers, dim, calibrate)
+        keyed = self._calibration_key(fn, args, workers, dim) if calibrate and len(workers) > 1 else None
+        counts = self._plan(fn, args, total, workers, dim, keyed)
         used = [(w, c) for w, c in zip(workers, counts) if c > 0]
         splits, start = [], 0
         for _, c in used:
@@ -574,10 +568,10 @@ class HeterogeneousExecutor:
         t0 = time.perf_counter()
         results, times = self._run_parallel(fn, splits, [w for w, _ in used], return_device, sync=True)
         wall = time.perf_counter() - t0
-        if calibrate and self._sizes_known(fn, args, workers, dim, used):
-            self._refine(fn, args, workers, dim, [(w, c, t) for (w, c), t in zip(used, times)])
+        if keyed is not None and self._sizes_known(keyed[0], used):
+            self._refine(keyed[0], [(w, c, t) for (w, c), t in zip(used, times)])
             if len(used) > 1:
-                self._check_split_paid_off(fn, args, workers, [w.name for w, _ in used], dim, total, wall)
+                self._check_split_paid_off(keyed[0], [w.name for w, _ in used], total, wall)
         if return_device is None:
             home = first_tensor(results[0])
             results = [map_tensors(r, _mover(home.device if home is not None else None)) for r in results]
@@ -590,7 +584,8 @@ class HeterogeneousExecutor:
         """Rows each worker would get for ``batch`` (calibrating first if needed), without running the split."""
         workers = self._split_workers(backends)
         args, total = self._batch_args(batch, dim)
-        return {w.name: c for w, c in zip(workers, self._plan(fn, args, total, workers, dim, calibrate, remember=False))}
+        keyed = self._calibration_key(fn, args, workers, dim) if calibrate and len(workers) > 1 else None
+        return {w.name: c for w, c in zip(workers, self._plan(fn, args, total, workers, dim, keyed, remember=False))}
 
     def clear_calibration(self) -> None:
         """Forget every throughput measurement (the next split calibrates again)."""
@@ -648,12 +643,13 @@ class HeterogeneousExecutor:
         return (fkey, rows, tuple(w.name for w in workers)), keep
 
     def _plan(self, fn: Callable[..., Any], args: Tuple[Any, ...], total: int, workers: List[Worker], dim: int,
-              calibrate: bool, remember: bool = True) -> List[int]:
+              keyed: Optional[Tuple[Any, Any]], remember: bool = True) -> List[int]:
+        """Rows per worker. ``keyed``: ``_calibration_key(...)`` when calibrating (None: split evenly)."""
         if len(workers) == 1:
             return [total]
-        if not calibrate:
+        if keyed is None:
             return plan_shares(total, [(0.0, 1.0)] * len(workers))
-        key, keep = self._calibration_key(fn, args, workers, dim)
+        key, keep = keyed
         me = threading.get_ident()
         while True:
             with self._calibration_lock:
@@ -736,10 +732,8 @@ class HeterogeneousExecutor:
         self._last_counts[(key, total)] = list(counts)
         return counts
 
-    def _sizes_known(self, fn: Callable[..., Any], args: Tuple[Any, ...], workers: List[Worker], dim: int,
-                     used: List[Tuple[Worker, int]]) -> bool:
+    def _sizes_known(self, key: Any, used: List[Tuple[Worker, int]]) -> bool:
         """Whether every worker of this run had run its row count before (for this key); records them."""
-        key, _ = self._calibration_key(fn, args, workers, dim)
         pairs = {(w.name, c) for w, c in used}
         with self._calibration_lock:
             if key not in self._calibration:
@@ -751,8 +745,7 @@ class HeterogeneousExecutor:
             seen |= pairs
         return known
 
-    def _check_split_paid_off(self, fn: Callable[..., Any], args: Tuple[Any, ...], workers: List[Worker],
-                              ran: List[str], dim: int, total: int, wall: float) -> None:
+    def _check_split_paid_off(self, key: Any, ran: List[str], total: int, wall: float) -> None:
         """After a real split over the workers ``ran``: did it beat the sets made of its fastest workers?
 
         The references are predictions from each worker's fit as measured alone (not the refined one, which
@@ -762,14 +755,13 @@ class HeterogeneousExecutor:
         is not the one dropped first). The fits are made one worker at a time, so they miss contention (a CPU
         kernel starving the thread that feeds a GPU) - but the split's wall time also holds costs a solo fit
         does not (the hand-off to the worker threads, result copies, the concatenation) and one run can be
-        slow for unrelated reasons. So a split *loses* only when
-        its wall time exceeds the best smaller set's prediction by more than ``SPLIT_MARGIN``, and only
-        ``SPLIT_LOSSES`` consecutive losses restrict the key to that set (a win resets the count): with CPU,
+        slow for unrelated reasons. So a split *loses* only when its wall time exceeds the best smaller set's
+        prediction by more than ``SPLIT_MARGIN``, and only ``SPLIT_LOSSES`` consecutive losses restrict the key
+        to that set (a win resets the count): with CPU,
         cuda:0 and cuda:1, a CPU that slows the GPUs drops out and the two GPUs keep splitting; a set that
         keeps losing shrinks again, down to one worker. The restriction lasts until
         :meth:`clear_calibration`; logged once.
         """
-        key, _ = self._calibration_key(fn, args, workers, dim)
         with self._calibration_lock:
             solo_fits = self._solo.get(key)
             if solo_fits is None or len(ran) < 2 or any(n not in solo_fits for n in ran):
@@ -799,9 +791,7 @@ class HeterogeneousExecutor:
                      f"{losses} runs in a row: later calls like this run on {names} only "
                      f"(clear_calibration() measures again)")
 
-    def _refine(self, fn: Callable[..., Any], args: Tuple[Any, ...], workers: List[Worker], dim: int,
-                observed: List[Tuple[Worker, int, float]]) -> None:
-        key, _ = self._calibration_key(fn, args, workers, dim)
+    def _refine(self, key: Any, observed: List[Tuple[Worker, int, float]]) -> None:
         with self._calibration_lock:
             models = self._calibration.get(key)
             if models is None:
@@ -853,13 +843,20 @@ def _prepare(split: Any, worker: Worker, return_device: DeviceLike) -> Tuple[Tup
     in the worker threads, where the copies to different GPUs overlap.
     """
     args = split if isinstance(split, tuple) else (split,)
-    if isinstance(return_device, str) and return_device == INPUT:
-        first = first_tensor(args)
-        return_device = first.device if first is not None else worker.device
+    return_device = _return_target(args, return_device, worker)
     dev = worker.device
     if worker.runner is None and dev.type != "cpu":
         args = map_tensors(args, lambda t: t.to(dev) if t.device.type != "cpu" and t.device != dev else t)
     return args, return_device
+
+
+def _return_target(inputs: Any, return_device: DeviceLike, worker: Worker) -> Optional[torch.device]:
+    """Where results go: ``"input"`` = the device of the first tensor in ``inputs`` (the worker's if none),
+    ``None`` = where they were computed, anything else = that device."""
+    if isinstance(return_device, str) and return_device == INPUT:
+        first = first_tensor(inputs)
+        return first.device if first is not None else worker.device
+    return torch.device(return_device) if return_device is not None else None
 
 
 def _owns_memory(result: Any, args: Tuple[Any, ...]) -> bool:
