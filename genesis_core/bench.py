@@ -309,6 +309,19 @@ def bench_attention(shapes: List[Shape], names: List[str], include_auto: bool, d
     return rows, summary
 
 
+def _alternate(first: Callable[[], object], second: Callable[[], object], n_inner: int, rounds: int,
+               device: torch.device) -> tuple:
+    """Median ms per call of ``first`` and of ``second``, timed in strict alternation (``n_inner`` calls per
+    sample, who goes first swapping every round), so drift and clocks hit both alike."""
+    pair = (first, second)
+    samples: List[List[float]] = [[], []]
+    with torch.no_grad():
+        for r in range(rounds):
+            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                samples[i].append(autotune.time_runs(autotune.repeat(pair[i], n_inner), device, 1)[0] / n_inner)
+    return statistics.median(samples[0]), statistics.median(samples[1])
+
+
 def _pair_auto_with_its_kernel(cells: Dict[str, dict], fns: Dict[str, Callable[[], object]], live: Dict[str, object],
                                inner: Dict[str, int], reps: int, device: torch.device, flops: float) -> None:
     """Time AUTO and the kernel it chose in strict alternation (same inner count, rotating who goes
@@ -319,14 +332,7 @@ def _pair_auto_with_its_kernel(cells: Dict[str, dict], fns: Dict[str, Callable[[
     chosen = auto.get("chosen") if auto else None
     if "auto" not in live or chosen not in live:
         return
-    pair = {"auto": fns["auto"], chosen: fns[chosen]}
-    n_inner = inner["auto"]
-    samples: Dict[str, List[float]] = {n: [] for n in pair}
-    with torch.no_grad():
-        for r in range(max(reps, 6)):
-            for n in (list(pair) if r % 2 == 0 else list(pair)[::-1]):
-                samples[n].append(autotune.time_runs(autotune.repeat(pair[n], n_inner), device, 1)[0] / n_inner)
-    a, c = statistics.median(samples["auto"]), statistics.median(samples[chosen])
+    a, c = _alternate(fns["auto"], fns[chosen], inner["auto"], max(reps, 6), device)
     auto["ms_interleaved"] = auto["ms"]
     auto["ms"] = a
     auto["tflops"] = flops / (a * 1e-3) / 1e12
@@ -352,15 +358,10 @@ def _pair_choice_with_fastest(summ: dict, cells: Dict[str, dict], fns: Dict[str,
     n_inner = inner[chosen]
     slowest = max(cells[chosen]["ms"], cells[best]["ms"]) * n_inner
     rounds = max(2, min(max(reps, 6), int(budget_ms / max(slowest, 1e-3))))
-    pair = [chosen, best]
-    samples: Dict[str, List[float]] = {n: [] for n in pair}
     out: dict = {}
     try:
-        with torch.no_grad():
-            for r in range(rounds):
-                for n in (pair if r % 2 == 0 else pair[::-1]):
-                    samples[n].append(autotune.time_runs(autotune.repeat(fns[n], n_inner), device, 1)[0] / n_inner)
-        out["choice_vs_fastest_paired"] = statistics.median(samples[chosen]) / statistics.median(samples[best])
+        ms_chosen, ms_best = _alternate(fns[chosen], fns[best], n_inner, rounds, device)
+        out["choice_vs_fastest_paired"] = ms_chosen / ms_best
         out["choice_paired_rounds"] = rounds
     except Exception as exc:
         out["choice_paired_error"] = first_line(exc)
