@@ -40,6 +40,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import genesis_core  # noqa: E402
+from genesis_core._device import synchronize  # noqa: E402
 from genesis_core.attention.modules import CrossAttentionModule  # noqa: E402
 from genesis_core.bench import FluxLikeBlock  # noqa: E402
 from genesis_core.compute import ComputeBackend, HeterogeneousExecutor, detect_backends  # noqa: E402
@@ -58,8 +59,7 @@ def say(ok, name, **detail):
 
 def sync_all(devices):
     for d in devices:
-        if d.type == "cuda":
-            torch.cuda.synchronize(d)
+        synchronize(d)
 
 
 def rel_err(a, b):
