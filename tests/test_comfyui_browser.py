@@ -89,6 +89,17 @@ FASTEST_JS = """
 """
 
 
+async def open_canvas(page, url: str, node_type: str) -> None:
+    """Open ComfyUI's page at 1500x900, wait for the graph canvas and ``node_type``, close any dialog."""
+    await page.send("Runtime.enable")
+    await page.send("Page.enable")
+    await page.send("Emulation.setDeviceMetricsOverride", width=1500, height=900, deviceScaleFactor=1, mobile=False)
+    await page.send("Page.navigate", url=url + "/")
+    await page.wait_for("!!(window.app && window.app.graph && window.LiteGraph && window.app.canvas)", timeout=120)
+    await page.wait_for(f"!!window.LiteGraph.registered_node_types['{node_type}']", timeout=60)
+    await page.evaluate("document.querySelectorAll('.p-dialog-mask').forEach((d) => d.remove())")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with ComfyServer(tmp_path_factory.mktemp("comfy_browser_base")) as srv:
@@ -107,13 +118,7 @@ def test_widget_shows_availability_marks(server, tmp_path):
     expected = {name: row["available"] for name, row in backends["choices"].items()}
 
     async def scenario(page):
-        await page.send("Runtime.enable")
-        await page.send("Page.enable")
-        await page.send("Emulation.setDeviceMetricsOverride", width=1500, height=900, deviceScaleFactor=1, mobile=False)
-        await page.send("Page.navigate", url=server.url + "/")
-        await page.wait_for("!!(window.app && window.app.graph && window.LiteGraph && window.app.canvas)", timeout=120)
-        await page.wait_for("!!window.LiteGraph.registered_node_types['GenesisAttentionSwitch']", timeout=60)
-        await page.evaluate("document.querySelectorAll('.p-dialog-mask').forEach((d) => d.remove())")
+        await open_canvas(page, server.url, "GenesisAttentionSwitch")
         await page.evaluate(SETUP_JS)
         labels = await page.wait_for(LABELS_JS, timeout=60)
         entries = await page.evaluate(OPEN_MENU_JS)
@@ -277,13 +282,7 @@ def test_example_workflow_runs_in_the_frontend(server, tmp_path):
     ui = json.loads((WORKFLOWS / "genesis_cross_attention.json").read_text())
 
     async def scenario(page):
-        await page.send("Runtime.enable")
-        await page.send("Page.enable")
-        await page.send("Emulation.setDeviceMetricsOverride", width=1500, height=900, deviceScaleFactor=1, mobile=False)
-        await page.send("Page.navigate", url=server.url + "/")
-        await page.wait_for("!!(window.app && window.app.graph && window.LiteGraph && window.app.canvas)", timeout=120)
-        await page.wait_for("!!window.LiteGraph.registered_node_types['GenesisCrossAttention']", timeout=60)
-        await page.evaluate("document.querySelectorAll('.p-dialog-mask').forEach((d) => d.remove())")
+        await open_canvas(page, server.url, "GenesisCrossAttention")
         await page.evaluate(RUN_JS % json.dumps(ui))
         result = await page.wait_for(RESULT_JS, timeout=120)
         await page.evaluate("new Promise((r) => setTimeout(r, 800))")
