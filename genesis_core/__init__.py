@@ -2,7 +2,7 @@
 
 Public API of the spec (``from genesis.core import ...`` re-exports this module).
 ``genesis_core.attention`` is the dispatch *function*; the subpackage's other modules are reached
-with ``from genesis_core.attention import ...`` / ``from genesis_core.attention.modules import ...``.
+with ``from genesis_core.attn import ...`` / ``from genesis_core.attn.modules import ...``.
 Importing genesis_core imports torch but no optional package (flash-attn, xformers, sage,
 onnxruntime, wgpu) and touches no GPU: those are probed lazily, on first use.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .attention import (  # noqa: E402
+from .attn import (  # noqa: E402
     AttentionType,
     backend_name,
     backends_report,
@@ -20,8 +20,8 @@ from .attention import (  # noqa: E402
     set_default_backend,
     use_backend,
 )
-from .attention import autotune  # noqa: E402
-from .attention.modules import (  # noqa: E402
+from .attn import autotune  # noqa: E402
+from .attn.modules import (  # noqa: E402
     AdaptiveAttentionSwitch,
     CrossAttentionInterface,
     CrossAttentionModule,
@@ -36,7 +36,7 @@ from .compute import (  # noqa: E402
 )
 from .comfyui import COMFYUI_NODE_REGISTRY, ComfyUINodeInterface, register_comfyui_node  # noqa: E402
 from .info import get_interface_info  # noqa: E402
-from .attention.dispatch import attention  # noqa: E402  (the function shadows the subpackage name on purpose)
+from .attn.dispatch import attention  # noqa: E402  (the function shadows the subpackage name on purpose)
 
 __all__ = [
     "AdaptiveAttentionSwitch",

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from ._device import synchronize
 from ._log import first_line
-from .attention import autotune, dispatch, registry
-from .attention.types import AttentionCall
+from .attn import autotune, dispatch, registry
+from .attn.types import AttentionCall
 
 
 @dataclass(frozen=True)
@@ -625,7 +625,7 @@ def bench_e2e_comfyui(path: str, device: torch.device, dtype: torch.dtype, size:
                       reps: int, seed: int) -> List[dict]:
     """ComfyUI's own Flux model (random weights, ``double`` + ``single`` blocks): ComfyUI's default attention
     against Genesis AUTO through ``transformer_options["optimized_attention_override"]``, alternately."""
-    from .interop.comfy_attention import GenesisAttentionOverride
+    from .interop.comfy_adapter import GenesisAttentionOverride
 
     Flux, ops, comfy_attention = _import_comfyui(path, device)
     if size == "flux":  # Flux.1 dims; 1024x1024 image -> 128x128 latent -> 4096 tokens, + 512 text tokens

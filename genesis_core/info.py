@@ -7,8 +7,8 @@ from typing import Dict, List
 import torch
 
 from . import __version__
-from .attention import AttentionType, backends_report
-from .attention.backends._common import package_version
+from .attn import AttentionType, backends_report
+from .attn.backends._common import package_version
 
 _PACKAGES = ("torch", "flash-attn", "sageattention", "xformers", "onnxruntime", "onnx", "wgpu")
 

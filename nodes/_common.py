@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..genesis_core.attention import AttentionType
+from ..genesis_core.attn import AttentionType
 
 #: The attention choices every Genesis node offers (the widget marks which work on this server).
 ATTENTION_CHOICES: List[str] = [t.value for t in (

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, List, Tuple
 
 from ..genesis_core._log import log_once, logger
-from ..genesis_core.attention import backend_name
+from ..genesis_core.attn import backend_name
 from ..genesis_core.comfyui import ComfyUINodeInterface, register_comfyui_node
 from ..genesis_core.interop import GenesisAttentionOverride, make_replace_patch
 from ._common import ATTENTION_CHOICES, tooltip

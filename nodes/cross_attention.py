@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..genesis_core.attention.modules import CrossAttentionModule
+from ..genesis_core.attn.modules import CrossAttentionModule
 from ..genesis_core.comfyui import ComfyUINodeInterface, register_comfyui_node
 from ._common import ATTENTION_CHOICES, GENESIS_BACKEND, TENSOR, BackendChoice, check_tensor, run_on_backend, tooltip
 

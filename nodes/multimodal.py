@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ..genesis_core.attention import AttentionType
-from ..genesis_core.attention.modules import AdaptiveAttentionSwitch, CrossAttentionModule
+from ..genesis_core.attn import AttentionType
+from ..genesis_core.attn.modules import AdaptiveAttentionSwitch, CrossAttentionModule
 from ..genesis_core.comfyui import ComfyUINodeInterface, register_comfyui_node
 from ..genesis_core.compute.backends import ComputeBackend, backend_status
 from ._common import TENSOR, BackendChoice, check_tensor, run_on_backend, tooltip

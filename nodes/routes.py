@@ -17,7 +17,7 @@ _registered = False
 
 
 def _attention_rows() -> List[Dict[str, Any]]:
-    from ..genesis_core.attention import backends_report
+    from ..genesis_core.attn import backends_report
 
     return [dict(row) for row in backends_report()]
 
@@ -55,7 +55,7 @@ def _compute_rows() -> List[Dict[str, Any]]:
 def _autotune() -> Optional[Dict[str, Any]]:
     """Measured timings from the autotuner, when it exists and has any."""
     try:
-        from ..genesis_core.attention import autotune
+        from ..genesis_core.attn import autotune
     except ImportError:
         return None
     for name in ("timings",):
@@ -95,7 +95,7 @@ def fastest_choice(timings: Any) -> Optional[str]:
 
 def backends_payload() -> Dict[str, Any]:
     """Everything ``GET /genesis/backends`` returns (also usable without a server)."""
-    from ..genesis_core.attention import served_signatures
+    from ..genesis_core.attn import served_signatures
 
     rows = _attention_rows()
     timings = _autotune()

@@ -173,7 +173,7 @@ def sampling_check():
     ok, nodes = _load_pack_with_comfy_loader()
     switch_cls = nodes.NODE_CLASS_MAPPINGS["GenesisAttentionSwitch"]
     switch_mod = importlib.import_module(switch_cls.__module__)
-    dispatch = importlib.import_module(switch_cls.__module__.rsplit(".", 2)[0] + ".genesis_core.attention.dispatch")
+    dispatch = importlib.import_module(switch_cls.__module__.rsplit(".", 2)[0] + ".genesis_core.attn.dispatch")
     model = tiny_sd_model()
     options_before = repr(model.model_options)
     baseline = _sample(model)

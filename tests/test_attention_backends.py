@@ -7,8 +7,8 @@ from conftest import reference_attention, requires_cuda
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from genesis_core.attention import attention, explain, last_backend
-from genesis_core.attention import registry
+from genesis_core.attn import attention, explain, last_backend
+from genesis_core.attn import registry
 
 # Relative error (max-abs error over max-abs reference) allowed per dtype.
 TOL = {torch.float32: 2e-4, torch.float64: 1e-9, torch.bfloat16: 4e-2, torch.float16: 6e-3}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import reference_attention
 
-from genesis_core.attention import (
+from genesis_core.attn import (
     AttentionType,
     attention,
     clear_plans,
@@ -17,10 +17,10 @@ from genesis_core.attention import (
     served_signatures,
     use_backend,
 )
-from genesis_core.attention import registry
-from genesis_core.attention.backends import math as math_backend
-from genesis_core.attention.registry import Backend
-from genesis_core.attention.types import AttentionCall
+from genesis_core.attn import registry
+from genesis_core.attn.backends import pytorch as math_backend
+from genesis_core.attn.registry import Backend
+from genesis_core.attn.types import AttentionCall
 
 
 def qkv(b=2, h=4, nq=9, nk=7, d=16, dtype=torch.float32, hkv=None, dv=None):
@@ -155,7 +155,7 @@ def test_every_unsupported_reason(backend, call, pattern):
 
 
 def test_sage_1x_refuses_key_lengths_it_gets_wrong(monkeypatch):
-    from genesis_core.attention.backends import sage
+    from genesis_core.attn.backends import sage
 
     monkeypatch.setattr(sage, "_major", lambda: 1)
     reason = sage.backend.unsupported(_call(nk=77))
@@ -240,7 +240,7 @@ def test_last_link_failing_raises_the_real_error():
         with pytest.raises(ValueError, match="pytorch broke"):
             attention(q, k, v, backend="sdpa")
     finally:
-        from genesis_core.attention.backends import sdpa as sdpa_mod
+        from genesis_core.attn.backends import sdpa as sdpa_mod
 
         registry.register(sdpa_mod.backend)
         registry.register(orig)
@@ -267,7 +267,7 @@ def test_use_backend_is_thread_local():
 
 
 def test_plans_are_reused_for_the_same_signature(monkeypatch):
-    from genesis_core.attention import dispatch
+    from genesis_core.attn import dispatch
 
     clear_plans()
     q, k, v = qkv()
@@ -289,7 +289,7 @@ def test_scale_is_checked_on_every_call_not_only_the_first():
 
 
 def test_strides_and_grad_mode_get_their_own_plans():
-    from genesis_core.attention import dispatch
+    from genesis_core.attn import dispatch
 
     clear_plans()
     q, k, v = qkv()
@@ -302,7 +302,7 @@ def test_strides_and_grad_mode_get_their_own_plans():
 
 
 def test_sage_refuses_inputs_that_need_a_backward():
-    from genesis_core.attention.backends import sage
+    from genesis_core.attn.backends import sage
 
     call = _call()
     call.q.requires_grad_()
@@ -312,7 +312,7 @@ def test_sage_refuses_inputs_that_need_a_backward():
 
 
 def test_concurrent_failures_drop_only_the_failing_backend():
-    from genesis_core.attention import dispatch
+    from genesis_core.attn import dispatch
 
     barrier = threading.Barrier(2, timeout=10)
 
@@ -366,7 +366,7 @@ def test_out_of_memory_falls_back_for_that_call_only(genesis_log):
 
 
 def test_reprobe_forgets_plans():
-    from genesis_core.attention import dispatch
+    from genesis_core.attn import dispatch
 
     q, k, v = qkv()
     attention(q, k, v, backend="pytorch")

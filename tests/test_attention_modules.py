@@ -18,7 +18,7 @@ from genesis_core import (
     get_interface_info,
     last_backend,
 )
-from genesis_core.attention import registry
+from genesis_core.attn import registry
 
 
 def manual_cross(mod, x, ctx, key_mask=None):

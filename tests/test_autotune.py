@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import genesis_core
-from genesis_core.attention import autotune, autotune_cache, dispatch, registry
-from genesis_core.attention.registry import Backend
-from genesis_core.attention.types import AttentionCall
+from genesis_core.attn import autotune, autotune_cache, dispatch, registry
+from genesis_core.attn.registry import Backend
+from genesis_core.attn.types import AttentionCall
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,7 +186,7 @@ def test_concurrent_writers_keep_every_entry(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
-        from genesis_core.attention.autotune_cache import DiskCache
+        from genesis_core.attn.autotune_cache import DiskCache
         cache = DiskCache({env!r}, {str(path)!r})
         for j in range(15):
             cache.update({{f"p{{sys.argv[1]}}-{{j}}": {{"chosen": "pytorch", "ms": {{"pytorch": 1.0}}}}}})
@@ -395,7 +395,7 @@ def test_cpu_calls_never_initialise_cuda_for_the_cache(tuner, monkeypatch):
 
 
 def test_ties_go_to_the_default_order_and_clear_wins_to_the_winner():
-    from genesis_core.attention.autotune import TIE_MARGIN, pick, prefer_default
+    from genesis_core.attn.autotune import TIE_MARGIN, pick, prefer_default
 
     ms = {"sdpa_cudnn": 1.00, "sdpa": 1.00 + TIE_MARGIN / 2, "flash": 1.8}
     assert prefer_default(ms, list(ms)) == "sdpa"

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from genesis_core import bench
-from genesis_core.attention import dispatch, registry
-from genesis_core.attention.registry import Backend
+from genesis_core.attn import dispatch, registry
+from genesis_core.attn.registry import Backend
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ from comfy_helpers import attention_basic_reference, load_pack
 
 pack = load_pack()
 interop = importlib.import_module(pack.__name__ + ".genesis_core.interop")
-engine = importlib.import_module(pack.__name__ + ".genesis_core.attention.dispatch")
+engine = importlib.import_module(pack.__name__ + ".genesis_core.attn.dispatch")
 
 B, NQ, NK, D = 2, 7, 5, 8
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import genesis_core
-from genesis_core.attention import autotune, dispatch
-from genesis_core.attention import compile as gcompile
+from genesis_core.attn import autotune, dispatch
+from genesis_core.attn import compile as gcompile
 
 pytestmark = pytest.mark.skipif(not gcompile.HAS_CUSTOM_OP, reason="torch.library.custom_op needs torch >= 2.4")
 

@@ -1,4 +1,4 @@
 """Adapters between Genesis and other frameworks' calling conventions (no framework is imported here)."""
-from .comfy_attention import GenesisAttentionOverride, call_signature, comfy_attention, make_replace_patch
+from .comfy_adapter import GenesisAttentionOverride, call_signature, comfy_attention, make_replace_patch
 
 __all__ = ["GenesisAttentionOverride", "call_signature", "comfy_attention", "make_replace_patch"]

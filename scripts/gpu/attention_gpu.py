@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from genesis_core.attention import attention, last_backend, registry  # noqa: E402
-from genesis_core.attention.types import AttentionCall  # noqa: E402
+from genesis_core.attn import attention, last_backend, registry  # noqa: E402
+from genesis_core.attn.types import AttentionCall  # noqa: E402
 from genesis_core.info import print_backends_table  # noqa: E402
 
 SHAPES = {  # name: (B, H, Nq, Nk, D)

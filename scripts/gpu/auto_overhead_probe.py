@@ -1,10 +1,10 @@
 """Why does the bench's AUTO row read slower than the kernel it chose? Time the same call four ways, interleaved."""
 import statistics, sys, os, torch
 sys.path.insert(0, os.getcwd())
-from genesis_core.attention import dispatch, registry
-from genesis_core.attention.types import AttentionCall
+from genesis_core.attn import dispatch, registry
+from genesis_core.attn.types import AttentionCall
 import torch.nn.functional as F
-from genesis_core.attention.autotune import time_runs, repeat
+from genesis_core.attn.autotune import time_runs, repeat
 dev = torch.device("cuda")
 for (b, h, n, m, d) in [(1, 24, 4608, 4608, 128), (2, 10, 4096, 77, 64)]:
     q = torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16)

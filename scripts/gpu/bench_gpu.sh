@@ -41,7 +41,7 @@ import sys, time, torch
 import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 from genesis_core.bench import FluxLikeBlock
-from genesis_core.attention import dispatch
+from genesis_core.attn import dispatch
 torch.manual_seed(0)
 attn = lambda q, k, v: dispatch.attention(q, k, v)
 m = FluxLikeBlock(24, 128, attn).cuda().to(torch.bfloat16).eval()

@@ -127,7 +127,7 @@ def main() -> int:
     setup_comfy(opts.device)
     pack = load_pack()
     switch_cls = pack.NODE_CLASS_MAPPINGS["GenesisAttentionSwitch"]
-    dispatch = importlib.import_module(pack.__name__ + ".genesis_core.attention.dispatch")
+    dispatch = importlib.import_module(pack.__name__ + ".genesis_core.attn.dispatch")
     report = {r["name"]: r for r in dispatch.backends_report()}
     size = opts.size or (64 if opts.device == "cuda" else 16)
     dtypes = [torch.float16, torch.bfloat16] if opts.device == "cuda" else [torch.float32]

@@ -41,7 +41,7 @@ import torch.nn as nn  # noqa: E402
 
 import genesis_core  # noqa: E402
 from genesis_core._device import synchronize  # noqa: E402
-from genesis_core.attention.modules import CrossAttentionModule  # noqa: E402
+from genesis_core.attn.modules import CrossAttentionModule  # noqa: E402
 from genesis_core.bench import FluxLikeBlock  # noqa: E402
 from genesis_core.compute import ComputeBackend, HeterogeneousExecutor, detect_backends  # noqa: E402
 

@@ -3,9 +3,9 @@ import os, statistics, sys
 import torch
 sys.path.insert(0, os.getcwd())
 from torch.profiler import ProfilerActivity, profile
-from genesis_core.attention import registry
-from genesis_core.attention.autotune import time_runs
-from genesis_core.attention.types import AttentionCall
+from genesis_core.attn import registry
+from genesis_core.attn.autotune import time_runs
+from genesis_core.attn.types import AttentionCall
 
 dev = torch.device("cuda")
 for shape in [(1, 40, 32760, 32760, 128), (1, 40, 32768, 32768, 128), (1, 24, 4608, 4608, 128)]:

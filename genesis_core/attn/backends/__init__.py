@@ -2,4 +2,4 @@
 
 Order here is the registry order, which is also the order ``explain`` and the backends table show.
 """
-from . import flash, sage, xformers, sdpa, math  # noqa: F401  (registration side effects)
+from . import flash, sage, xformers, sdpa, pytorch  # noqa: F401  (registration side effects)

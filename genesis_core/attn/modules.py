@@ -1,6 +1,6 @@
 """The spec's attention modules: CrossAttentionInterface, CrossAttentionModule, AdaptiveAttentionSwitch.
 
-Both modules project tokens to heads and call :func:`genesis_core.attention.dispatch.attention`, so
+Both modules project tokens to heads and call :func:`genesis_core.attn.dispatch.attention`, so
 every backend, the fallback chain and the autotuner serve them.
 """
 from __future__ import annotations

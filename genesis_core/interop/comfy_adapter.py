@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from .._log import log_once, logger
-from ..attention.types import mask_4d_shape
+from ..attn.types import mask_4d_shape
 
 __all__ = ["comfy_attention", "call_signature", "GenesisAttentionOverride", "make_replace_patch"]
 
@@ -37,7 +37,7 @@ def _engine():
     # Imported lazily so that importing the adapter (and so the ComfyUI pack) stays cheap.
     # (``genesis_core.attention`` the attribute may be the function re-exported at the top; the module
     # path is unambiguous.)
-    from ..attention import dispatch
+    from ..attn import dispatch
 
     return dispatch
 
