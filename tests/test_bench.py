@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from genesis_core import bench
+from genesis_core.bench import attention as attention_section
+from genesis_core.bench import kernels
 from genesis_core.attn import dispatch, registry
 from genesis_core.attn.registry import Backend
 
@@ -172,12 +174,12 @@ def test_kernel_probe_on_cpu_records_nothing_and_never_raises(monkeypatch):
     def broken(fn, device):
         raise RuntimeError("CUPTI unavailable\nmore")
 
-    monkeypatch.setattr(bench, "device_kernels", broken)
+    monkeypatch.setattr(kernels, "device_kernels", broken)
     out = bench._compare_kernels(lambda: None, lambda: None, cpu)
     assert out["same_kernel"] is None and out["kernel_probe_error"] == "RuntimeError: CUPTI unavailable"
     # A device whose profiler records kernels: equal non-empty sets are the same kernel, anything else is not.
     sets = iter([["void k<1>"], ["void k<1>"], ["a", "b"], ["a"], [], ["a"]])
-    monkeypatch.setattr(bench, "device_kernels", lambda fn, device: next(sets))
+    monkeypatch.setattr(kernels, "device_kernels", lambda fn, device: next(sets))
     assert bench._compare_kernels(None, None, cpu)["same_kernel"] is True
     assert bench._compare_kernels(None, None, cpu)["same_kernel"] is False
     out = bench._compare_kernels(None, None, cpu)
@@ -227,7 +229,7 @@ def test_choice_other_than_fastest_is_paired_and_judged(tmp_path, capsys, slow_c
 
 
 def test_same_kernel_does_not_excuse_a_choice_slower_when_timed_alternately(monkeypatch, slow_correct_backend):
-    monkeypatch.setattr(bench, "device_kernels", lambda fn, device: ["cudnn_fprop_kernel"])
+    monkeypatch.setattr(kernels, "device_kernels", lambda fn, device: ["cudnn_fprop_kernel"])
     _, (s,) = bench.bench_attention(bench.parse_shapes("tiny"), ["sdpa", "bench_slow"], True,
                                     torch.device("cpu"), torch.float32, 2, 1, 1000.0, False, 0)
     assert s["choice_vs_fastest"] > 1.03 and s["choice_vs_fastest_paired"] > 1.03
@@ -243,7 +245,7 @@ def test_paired_timing_respects_the_budget(slow_correct_backend):
 
 
 def test_fastest_choice_gets_a_verdict_without_pairing(monkeypatch):
-    monkeypatch.setattr(bench, "_compare_kernels", lambda *a: pytest.fail("no kernel probe when AUTO chose the fastest"))
+    monkeypatch.setattr(attention_section, "_compare_kernels", lambda *a: pytest.fail("no kernel probe when AUTO chose the fastest"))
     with dispatch.use_backend("sdpa"):
         _, (s,) = bench.bench_attention(bench.parse_shapes("tiny"), ["sdpa"], True,
                                         torch.device("cpu"), torch.float32, 2, 1, 1000.0, False, 0)

@@ -4,7 +4,7 @@ sys.path.insert(0, os.getcwd())
 from genesis_core.attn import dispatch, registry
 from genesis_core.attn.types import AttentionCall
 import torch.nn.functional as F
-from genesis_core.attn.autotune import time_runs, repeat
+from genesis_core._timing import repeat, time_runs
 dev = torch.device("cuda")
 for (b, h, n, m, d) in [(1, 24, 4608, 4608, 128), (2, 10, 4096, 77, 64)]:
     q = torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16)

@@ -4,7 +4,7 @@ import torch
 sys.path.insert(0, os.getcwd())
 from torch.profiler import ProfilerActivity, profile
 from genesis_core.attn import registry
-from genesis_core.attn.autotune import time_runs
+from genesis_core._timing import time_runs
 from genesis_core.attn.types import AttentionCall
 
 dev = torch.device("cuda")

@@ -1,0 +1,161 @@
+"""``python -m genesis_core bench``: the arguments, the run's environment, the sections in order, JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict
+from typing import List, Optional
+
+import torch
+
+from .._log import first_line
+from ..attn import autotune, dispatch, registry
+from .attention import bench_attention
+from .comfy_e2e import bench_e2e_comfyui, comfyui_path
+from .e2e import bench_e2e
+from .overhead import bench_overhead
+from .plot import write_plot
+from .report import print_attention, print_e2e, print_overhead
+from .shapes import DTYPES, parse_shapes
+
+SECTIONS = ("attention", "overhead", "e2e", "executor")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m genesis_core bench",
+                                description="Benchmark Genesis attention backends, AUTO, dispatch overhead and end to end.")
+    p.add_argument("--shapes", default=None,
+                   help="named sets (sd15, sdxl, flux, wan, diffusion, small, tiny) and/or custom 'B,H,Nq,Nk,D' "
+                        "separated by ';' or spaces (default: diffusion on CUDA, small on CPU)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated backend names (default: every registered one); the 'auto' row is always added unless --no-auto")
+    p.add_argument("--no-auto", action="store_true", help="leave out the Genesis AUTO row")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per cell (default 10 on CUDA, 5 on CPU)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up runs per cell (default 2)")
+    p.add_argument("--budget-ms", type=float, default=3000.0,
+                   help="time budget per cell: slow cells get fewer repetitions (default 3000)")
+    p.add_argument("--section", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    p.add_argument("--e2e-size", default=None, choices=("flux", "small"), help="default flux on CUDA, small on CPU")
+    p.add_argument("--e2e-blocks", type=int, default=None, help="transformer blocks in the e2e stack (default 4 / 2)")
+    p.add_argument("--comfyui", default=None, metavar="PATH",
+                   help="ComfyUI checkout for the e2e section's ComfyUI Flux model (default: $COMFYUI_PATH; skipped without)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write every row and the environment as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG", help="bar chart of TFLOP/s per shape (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def environment(device: torch.device) -> dict:
+    from .. import __version__
+
+    env = {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "genesis": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["cudnn"] = torch.backends.cudnn.version()
+    env["backends"] = {r["name"]: {"available": r["available"], "reason": r["reason"], "version": r["version"],
+                                   "kernel": r["kernel"]} for r in registry.report()}
+    env["autotune_mode"] = autotune.mode()
+    return env
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the benchmark; returns a process exit code (0 ok, 2 bad arguments, 1 a section failed)."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but torch.cuda.is_available() is False")
+        on_cpu = device.type == "cpu"
+        shapes = parse_shapes(args.shapes or ("small" if on_cpu else "diffusion"))
+        dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if on_cpu else torch.bfloat16)
+        sections = [s.strip() for s in args.section.split(",") if s.strip()]
+        bad = [s for s in sections if s not in SECTIONS]
+        if bad:
+            raise ValueError(f"--section {', '.join(bad)} unknown; valid: {', '.join(SECTIONS)}")
+        known = registry.names()
+        names = [dispatch.backend_name(n) for n in args.backends.split(",")] if args.backends else list(known)
+        include_auto = not args.no_auto
+        names = [n for n in dict.fromkeys(names) if n != "auto"]
+        reps = args.reps or (5 if on_cpu else 10)
+        if reps < 1 or args.warmup < 1:
+            raise ValueError(f"--reps and --warmup must be >= 1; got {reps} and {args.warmup}")
+    except ValueError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+
+    env = environment(device)
+    result: dict = {"environment": env, "settings": {"dtype": str(dtype).replace("torch.", ""), "reps": reps,
+                                                      "warmup": args.warmup, "budget_ms": args.budget_ms,
+                                                      "sections": sections,
+                                                      "shapes": [asdict(s) for s in shapes]}}
+    print(f"Genesis bench: {env['device_name']} ({device}), torch {env['torch']}"
+          + (f", CUDA {env['cuda']}, cuDNN {env.get('cudnn')}" if device.type == "cuda" else "")
+          + f", {str(dtype).replace('torch.', '')}, autotune {env['autotune_mode']}, {env['date_utc']}")
+    status = 0
+    progress = not args.no_progress
+    if "attention" in sections:
+        rows, summary = bench_attention(shapes, names, include_auto, device, dtype, reps, args.warmup,
+                                        args.budget_ms, progress, args.seed)
+        result["attention"], result["summary"] = rows, summary
+        print_attention(rows, summary)
+        result["autotune"] = autotune.timings()
+        if args.plot:
+            err = write_plot(args.plot, rows, f"{env['device_name']}, torch {env['torch']}, {str(dtype).replace('torch.', '')}")
+            print(f"\nplot: {err}" if err else f"\nplot written to {args.plot}")
+    if "overhead" in sections:
+        devs = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
+        result["overhead"] = bench_overhead(devs)
+        print_overhead(result["overhead"])
+    if "e2e" in sections:
+        size = args.e2e_size or ("small" if on_cpu else "flux")
+        blocks = args.e2e_blocks or (2 if size == "small" else 4)
+        try:
+            result["e2e"] = bench_e2e(device, dtype, size, blocks, max(reps, 5), args.seed)
+            print_e2e(result["e2e"])
+        except Exception as exc:
+            print(f"\ne2e failed: {first_line(exc)}", file=sys.stderr)
+            result["e2e_error"] = first_line(exc)
+            status = 1
+        comfy_path = comfyui_path(args.comfyui)
+        if comfy_path:
+            double, single = (1, 2) if size == "small" else (2, 4)
+            try:
+                result["e2e_comfyui"] = bench_e2e_comfyui(comfy_path, device, dtype, size, double, single,
+                                                          max(reps, 5), args.seed)
+                print_e2e(result["e2e_comfyui"])
+            except Exception as exc:
+                print(f"\ne2e with ComfyUI's Flux failed: {first_line(exc)}", file=sys.stderr)
+                result["e2e_comfyui_error"] = first_line(exc)
+                status = 1
+    if "executor" in sections:
+        try:
+            from ..compute import bench as compute_bench
+        except ImportError as exc:
+            print(f"\nexecutor section skipped: {exc}")
+        else:
+            try:
+                print("\nExecutor:")
+                result["executor"] = compute_bench.run_executor_bench(quick=on_cpu, print_table=True)
+            except Exception as exc:
+                print(f"\nexecutor section failed: {first_line(exc)}", file=sys.stderr)
+                result["executor_error"] = first_line(exc)
+                status = 1
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=1, default=str)
+        print(f"\njson written to {args.json}")
+    return status

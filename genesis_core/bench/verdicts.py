@@ -1,0 +1,41 @@
+"""The bench's targets and the verdict each gets: AUTO's choice against the fastest correct backend."""
+from __future__ import annotations
+
+OVERHEAD_TARGET_US = 5.0
+CHOICE_TARGET = 1.03  # AUTO's choice: within 3% of the fastest correct backend
+
+
+def choice_verdict(summ: dict) -> tuple:
+    """(choice_ok, choice_verdict) for one shape's summary. OK when the chosen kernel's own row is within
+    CHOICE_TARGET of the fastest correct row, or else when the two timed alternately are (the rows of two
+    launches of one device kernel can differ by run-to-run noise: the alternated timing settles it, and the
+    kernel names say why). Only when no alternated timing exists does "the same device kernel" decide alone;
+    a chosen backend that is slower timed alternately fails even with the same kernel (its host side costs).
+    None (no verdict) where no choice was timed: no AUTO row, AUTO failed, or the chosen backend's own row
+    was not measured."""
+    ratio, best, chosen = summ.get("choice_vs_fastest"), summ.get("fastest_correct"), summ.get("auto_backend")
+    paired, same = summ.get("choice_vs_fastest_paired"), summ.get("same_kernel")
+    pct = lambda x: f"{(x - 1) * 100:+.1f}%"  # noqa: E731
+    kernels = ", ".join(summ.get("chosen_kernels") or [])
+    if ratio is None:
+        why = "no AUTO row" if chosen is None else f"the chosen backend {chosen}'s own row was not timed"
+        return None, f"no timed choice ({why})"
+    if ratio <= CHOICE_TARGET:
+        return True, ("chose the fastest correct backend" if chosen == best
+                      else f"{chosen} within {pct(CHOICE_TARGET)} of the fastest row {best} ({pct(ratio)})")
+    if paired is not None and paired <= CHOICE_TARGET:
+        return True, (f"rows {pct(ratio)}, but timed alternately with {best} {pct(paired)}: within "
+                      f"{pct(CHOICE_TARGET)}" + (f"; same device kernel as the fastest row: {kernels}" if same else ""))
+    if paired is None and same is True:
+        return True, f"same kernel as the fastest row: {kernels}; rows differ by timing noise ({pct(ratio)})"
+    parts = [f"{chosen} {pct(ratio)} slower than {best} in the rows"]
+    if paired is not None:
+        parts.append(f"timed alternately {pct(paired)}")
+    if same is True:
+        parts.append(f"same device kernel ({kernels}), so the difference is host-side")
+    elif same is False:
+        parts.append("different kernels")
+    for key in ("kernel_probe_error", "choice_paired_error"):
+        if summ.get(key):
+            parts.append(f"{key}: {summ[key]}")
+    return False, "; ".join(parts)
