@@ -1,0 +1,196 @@
+"""Sequence-parallel attention (Ulysses, ring, both; joint tokens; uneven shards) on 2 and 4 gloo processes
+against float64 single-process attention over the whole sequence, on hypothesis-drawn shapes."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import reference_attention
+from genesis_core.parallel import build_mesh, mesh_ranks, sequence_attention, shard_sizes, split_tokens
+from genesis_core.parallel.launch import LocalProcessGroup, WorkerFailed
+from genesis_core.parallel.shard import unpad_tokens
+
+# ---------------------------------------------------------------- run inside the worker processes
+
+
+def _mesh(ctx, ulysses, ring):
+    key = ("mesh", ulysses, ring)
+    if key not in ctx.cache:
+        ctx.cache[key] = build_mesh(cfg=1, ulysses=ulysses, ring=ring)
+    return ctx.cache[key]
+
+
+def _shard_attention(ctx, q, k, v, case):
+    """This rank's shard of the middle tokens (+ the joint tokens), through sequence_attention."""
+    mesh = _mesh(ctx, case["ulysses"], case["ring"])
+    jf, jb = case["jf"], case["jb"]
+    parts = mesh.sequence_degree
+
+    def local(t):
+        mid = t.narrow(2, jf, t.shape[2] - jf - jb)
+        shard, length, real = split_tokens(mid, mesh.shard_index, parts, dim=2, minimum=case["minimum"])
+        return torch.cat((t.narrow(2, 0, jf), shard, t.narrow(2, t.shape[2] - jb, jb)), dim=2), real
+
+    (ql, real), (kl, _), (vl, _) = local(q), local(k), local(v)
+    if case["layout"] == "BNHD":
+        ql, kl, vl = ql.transpose(1, 2), kl.transpose(1, 2), vl.transpose(1, 2)
+    out = sequence_attention(ql, kl, vl, mesh, real=real, joint_front=jf, joint_back=jb, layout=case["layout"],
+                             ring_impl=case["ring_impl"], scale=case["scale"])
+    if case["layout"] == "BNHD":
+        out = out.transpose(1, 2)
+    return mesh.shard_index, out.contiguous(), real
+
+
+def _raises(ctx, q, k, v, case):
+    mesh = _mesh(ctx, case["ulysses"], case["ring"])
+    try:
+        sequence_attention(q, k, v, mesh)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def pool2():
+    with LocalProcessGroup(2, timeout_s=60) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def pool4():
+    with LocalProcessGroup(4, timeout_s=60) as pool:
+        yield pool
+
+
+def _check_case(pool, case, seed):
+    gen = torch.Generator().manual_seed(seed)
+    b, h, hk, d, n, jf, jb = (case[x] for x in ("b", "h", "hk", "d", "n", "jf", "jb"))
+    dtype = case["dtype"]
+    total = jf + n + jb
+    q = torch.randn(b, h, total, d, generator=gen).to(dtype)
+    k = torch.randn(b, hk, total, d, generator=gen).to(dtype)
+    v = torch.randn(b, hk, total, d, generator=gen).to(dtype)
+    ref = reference_attention(q, k, v, scale=case["scale"])  # float64, the whole sequence in one process
+    results = pool.run(_shard_attention, q, k, v, case)
+    parts = case["ulysses"] * case["ring"]
+    length = max(math.ceil(n / parts), case["minimum"])
+    by_shard = {i: (out, real) for i, out, real in results}
+    assert sorted(by_shard) == list(range(parts))
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    middle = []
+    for i in range(parts):
+        out, real = by_shard[i]
+        assert out.shape == (b, h, jf + length + jb, d)
+        assert torch.isfinite(out).all()
+        start = min(i * length, n)
+        count = min(length, max(0, n - i * length))
+        assert real[i] == count
+        # joint tokens: the same on every rank, equal to the whole-sequence result
+        torch.testing.assert_close(out[:, :, :jf].double(), ref[:, :, :jf], atol=tol, rtol=tol)
+        torch.testing.assert_close(out[:, :, jf + length:].double(), ref[:, :, jf + n:], atol=tol, rtol=tol)
+        torch.testing.assert_close(out[:, :, jf:jf + count].double(), ref[:, :, jf + start:jf + start + count],
+                                   atol=tol, rtol=tol)
+        middle.append(out[:, :, jf:jf + length])
+    # every token exactly once: the real rows of all shards put back together are the whole middle
+    joined = unpad_tokens(torch.cat(middle, dim=2), by_shard[0][1], dim=2)
+    assert joined.shape[2] == n
+    torch.testing.assert_close(joined.double(), ref[:, :, jf:jf + n], atol=tol, rtol=tol)
+    for i in range(1, parts):  # joint rows bit-identical across ranks (replicated state must not drift)
+        assert torch.equal(by_shard[i][0][:, :, :jf], by_shard[0][0][:, :, :jf])
+        assert torch.equal(by_shard[i][0][:, :, jf + length:], by_shard[0][0][:, :, jf + length:])
+
+
+def _cases(world):
+    meshes = [(u, world // u) for u in (1, 2, 4) if world % u == 0 and u <= world]
+
+    @st.composite
+    def case(draw):
+        u, r = draw(st.sampled_from(meshes))
+        h = u * draw(st.integers(1, 3))
+        hk = draw(st.sampled_from([x for x in (1, h // 2 if h % 2 == 0 else h, h) if x and h % x == 0]))
+        return {
+            "ulysses": u, "ring": r, "b": draw(st.integers(1, 2)), "h": h, "hk": hk,
+            "d": draw(st.sampled_from([4, 8, 16])), "n": draw(st.integers(1, 23)),
+            "jf": draw(st.sampled_from([0, 0, 3])), "jb": draw(st.sampled_from([0, 0, 2])),
+            "minimum": draw(st.sampled_from([0, 0, 9])),
+            "layout": draw(st.sampled_from(["BHND", "BNHD"])),
+            "ring_impl": draw(st.sampled_from(["ring", "allgather"])),
+            "dtype": draw(st.sampled_from([torch.float32, torch.float64])),
+            "scale": draw(st.sampled_from([None, 0.3])),
+        }
+
+    return case()
+
+
+_SETTINGS = settings(max_examples=14, deadline=None, derandomize=False,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@_SETTINGS
+@given(case=_cases(2), seed=st.integers(0, 2**31 - 1))
+def test_two_processes_match_one(pool2, case, seed):
+    _check_case(pool2, case, seed)
+
+
+@_SETTINGS
+@given(case=_cases(4), seed=st.integers(0, 2**31 - 1))
+def test_four_processes_match_one(pool4, case, seed):
+    _check_case(pool4, case, seed)
+
+
+@pytest.mark.parametrize("ulysses,ring", [(4, 1), (2, 2), (1, 4)])
+def test_uneven_tiny_sequence_on_four_ranks(pool4, ulysses, ring):
+    """5 tokens on 4 ranks: shards of 2, 2, 1 and 0 real tokens; nothing dropped, nothing doubled."""
+    case = {"ulysses": ulysses, "ring": ring, "b": 1, "h": 4, "hk": 4, "d": 8, "n": 5, "jf": 2, "jb": 1,
+            "minimum": 0, "layout": "BHND", "ring_impl": "ring", "dtype": torch.float64, "scale": None}
+    _check_case(pool4, case, seed=1234)
+
+
+def test_heads_that_do_not_divide_are_refused_with_a_sentence(pool4):
+    q = torch.randn(1, 6, 5, 8)  # 6 heads on 4 Ulysses ranks
+    messages = pool4.run(_raises, q, q, q, {"ulysses": 4, "ring": 1})
+    assert all(m is not None and "6 attention heads do not divide among 4 Ulysses ranks" in m for m in messages)
+
+
+def test_mesh_layout_and_shard_sizes():
+    lists = mesh_ranks(cfg=2, ulysses=2, ring=2)
+    assert lists["sequence"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert lists["ulysses"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert lists["ring"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert lists["cfg"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert shard_sizes(5, 4) == (2, [2, 2, 1, 0])
+    assert shard_sizes(32760, 8) == (4095, [4095] * 8)
+    assert shard_sizes(10, 2, minimum=7) == (7, [7, 3])
+    with pytest.raises(ValueError, match="total must be a positive int"):
+        shard_sizes(0, 2)
+
+
+def test_a_failing_rank_is_named_and_the_next_group_works():
+    with LocalProcessGroup(2, timeout_s=30) as pool:
+        with pytest.raises(WorkerFailed, match="rank 1 .*died with exit code"):
+            pool.run(_die_on_rank_one)
+        assert pool.closed
+    with LocalProcessGroup(2, timeout_s=30) as pool:
+        assert pool.run(_rank_of) == [0, 1]
+
+
+def _die_on_rank_one(ctx):
+    import os
+
+    if ctx.rank == 1:
+        os._exit(3)
+    import torch.distributed as dist
+
+    dist.barrier()  # rank 0 waits for a peer that is gone
+    return ctx.rank
+
+
+def _rank_of(ctx):
+    return ctx.rank
