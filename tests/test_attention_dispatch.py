@@ -135,22 +135,23 @@ def _call(device="meta", dtype=torch.float16, d=64, dv=None, mask=False, nk=128,
 @pytest.mark.parametrize(
     "backend, call, pattern",
     [
-        ("sage", _call(d=40), r"head_dim 40 not in \(64, 96, 128\)"),
-        ("sage", _call(dtype=torch.float32), r"dtype float32 not in \(float16, bfloat16\)"),
-        ("sage", _call(dv=32), r"v head_dim 32 differs from q/k head_dim 64"),
-        ("sage", _call(mask=True), r"SageAttention takes no arbitrary mask"),
-        ("sage", _call(), r"SageAttention needs CUDA tensors; got device meta"),
-        ("xformers", _call(dtype=torch.float64), r"dtype float64 not in \(float16, bfloat16, float32\)"),
-        ("xformers", _call(), r"xformers kernels need CUDA tensors; got device meta"),
-        ("sdpa_flash", _call(mask=True), r"FlashAttention takes no arbitrary mask"),
-        ("sdpa_flash", _call(), r"runs on CUDA and CPU; got device meta"),
-        ("sdpa_efficient", _call(), r"runs on CUDA only; got device meta"),
-        ("sdpa_cudnn", _call(), r"runs on CUDA only; got device meta"),
-        ("flash", _call(mask=True), r"FlashAttention takes no arbitrary mask"),
+        ("sage", _call(d=40), r"head_dim 40 not supported: needs one of \(64, 96, 128\)"),
+        ("sage", _call(dtype=torch.float32), r"dtype float32 not supported: needs one of \(float16, bfloat16\)"),
+        ("sage", _call(dv=32), r"v head_dim 32 not supported: needs v head_dim equal to q/k head_dim 64"),
+        ("sage", _call(mask=True), r"mask \(bool\) not supported: needs no mask"),
+        ("sage", _call(), r"device meta not supported: needs cuda"),
+        ("xformers", _call(dtype=torch.float64), r"dtype float64 not supported: needs one of \(float16, bfloat16, float32\)"),
+        ("xformers", _call(), r"device meta not supported: needs cuda"),
+        ("sdpa_flash", _call(mask=True), r"mask \(bool\) not supported: needs no mask"),
+        ("sdpa_flash", _call(), r"device meta not supported: needs cuda or cpu"),
+        ("sdpa_efficient", _call(), r"device meta not supported: needs cuda"),
+        ("sdpa_cudnn", _call(), r"device meta not supported: needs cuda"),
+        ("flash", _call(mask=True), r"mask \(bool\) not supported: needs no mask"),
+        ("flash", _call(), r"device meta not supported: needs cuda"),
     ],
 )
 def test_every_unsupported_reason(backend, call, pattern):
-    reason = registry.get(backend).unsupported(call)
+    reason = registry.get(backend).refusal(call)
     assert reason is not None and re.search(pattern, reason), reason
 
 
@@ -159,15 +160,16 @@ def test_sage_1x_refuses_key_lengths_it_gets_wrong(monkeypatch):
 
     monkeypatch.setattr(sage, "_major", lambda: 1)
     reason = sage.backend.unsupported(_call(nk=77))
-    assert reason.startswith("key length 77 is not a multiple of 64")
-    assert sage.backend.unsupported(_call(nk=4608)) == "SageAttention needs CUDA tensors; got device meta"
+    assert reason.startswith("key length 77 not supported: needs a multiple of 64")
+    assert sage.backend.unsupported(_call(nk=4608)) is None
+    assert sage.backend.refusal(_call(nk=4608)) == "device meta not supported: needs cuda"
     monkeypatch.setattr(sage, "_major", lambda: 2)
-    assert sage.backend.unsupported(_call(nk=77)) == "SageAttention needs CUDA tensors; got device meta"
+    assert sage.backend.unsupported(_call(nk=77)) is None
 
 
 def test_flash_cpu_reason_for_unequal_v_head_dim():
-    reason = registry.get("sdpa_flash").unsupported(_call(device="cpu", dtype=torch.float32, dv=32))
-    assert reason == "v head_dim 32 differs from q/k head_dim 64"
+    reason = registry.get("sdpa_flash").refusal(_call(device="cpu", dtype=torch.float32, dv=32))
+    assert reason == "v head_dim 32 not supported: needs v head_dim equal to q/k head_dim 64"
 
 
 def test_unavailable_backends_say_why():
@@ -195,10 +197,10 @@ def test_skip_is_logged_once_per_backend_and_reason(genesis_log):
     mask = torch.ones(7, dtype=torch.bool)
     clear_plans()
     for _ in range(3):
-        attention(q, k, v, mask, backend="flash")
+        attention(q, k, v, mask, backend="sdpa_flash")
     assert last_backend() == "sdpa"
-    skips = [m for m in genesis_log if "'flash' skipped" in m]
-    assert len(skips) == 1 and "no arbitrary mask" in skips[0] and "using 'sdpa'" in skips[0]
+    skips = [m for m in genesis_log if "'sdpa_flash' skipped" in m]
+    assert len(skips) == 1 and "mask (bool) not supported" in skips[0] and "using 'sdpa'" in skips[0]
 
 
 def _broken_backend(name, exc=RuntimeError("kernel exploded")):
@@ -273,7 +275,7 @@ def test_plans_are_reused_for_the_same_signature(monkeypatch):
     q, k, v = qkv()
     attention(q, k, v, backend="pytorch")
     calls = []
-    monkeypatch.setattr(dispatch, "_validate", lambda *a: calls.append(1))
+    monkeypatch.setattr(dispatch, "validate", lambda *a: calls.append(1))
     attention(torch.randn_like(q), torch.randn_like(k), torch.randn_like(v), backend="pytorch")
     assert calls == [], "an already-seen signature must not be validated again"
     attention(torch.randn(1, 4, 9, 16), torch.randn(1, 4, 7, 16), torch.randn(1, 4, 7, 16), backend="pytorch")
@@ -306,9 +308,9 @@ def test_sage_refuses_inputs_that_need_a_backward():
 
     call = _call()
     call.q.requires_grad_()
-    assert sage.backend.unsupported(call).startswith("SageAttention has no backward pass")
+    assert sage.backend.refusal(call).startswith("inputs that require grad not supported: needs torch.no_grad()")
     with torch.no_grad():
-        assert sage.backend.unsupported(call) == "SageAttention needs CUDA tensors; got device meta"
+        assert sage.backend.refusal(call) == "device meta not supported: needs cuda"
 
 
 def test_concurrent_failures_drop_only_the_failing_backend():
@@ -377,8 +379,9 @@ def test_reprobe_forgets_plans():
 
 # ------------------------------------------------------------------ the direct path (registry.Backend.direct)
 
-def test_direct_path_serves_only_unmasked_default_scale_bhnd_calls(monkeypatch):
-    """sdpa's direct path skips run(call) for the common call; masks, scales, BNHD and GQA still go through run."""
+def test_direct_path_serves_only_unmasked_default_scale_calls(monkeypatch):
+    """sdpa's direct path skips run(call) for the common call, in either layout; masks, scales and GQA still go
+    through run."""
     sdpa_backend = registry.get("sdpa")
     orig = sdpa_backend.run
     runs = []
@@ -392,16 +395,17 @@ def test_direct_path_serves_only_unmasked_default_scale_bhnd_calls(monkeypatch):
     assert runs == [], "the unmasked default-scale call must take the direct path"
     mask = torch.rand(q.shape[2], k.shape[2]) > 0.3
     mask[:, 0] = True
-    cases = [
-        (lambda: attention(q, k, v, mask, backend="sdpa"), reference_attention(q, k, v, mask)),
-        (lambda: attention(q, k, v, backend="sdpa", scale=0.3), reference_attention(q, k, v, scale=0.3)),
+    cases = [  # (call, reference, goes through run(call))
+        (lambda: attention(q, k, v, mask, backend="sdpa"), reference_attention(q, k, v, mask), True),
+        (lambda: attention(q, k, v, backend="sdpa", scale=0.3), reference_attention(q, k, v, scale=0.3), True),
         (lambda: attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend="sdpa",
-                           layout="BNHD").transpose(1, 2), reference_attention(q, k, v)),
-        (lambda: attention(q, k[:, :2], v[:, :2], backend="sdpa"), reference_attention(q, k[:, :2], v[:, :2])),
+                           layout="BNHD").transpose(1, 2), reference_attention(q, k, v), False),
+        (lambda: attention(q, k[:, :2], v[:, :2], backend="sdpa"), reference_attention(q, k[:, :2], v[:, :2]), True),
     ]
-    for i, (fn, ref) in enumerate(cases):
+    for i, (fn, ref, through_run) in enumerate(cases):
+        before = len(runs)
         out = fn()
-        assert len(runs) == i + 1, f"case {i} must go through run(call)"
+        assert len(runs) == before + through_run, f"case {i}: through run(call) expected {through_run}"
         assert torch.allclose(out.double(), ref, atol=1e-5), f"case {i}"
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import genesis_core
-from genesis_core.attn import autotune, autotune_cache, dispatch, registry
+from genesis_core.attn import autotune, dispatch, registry
+from genesis_core.attn.autotune import disk as autotune_cache, measuring, signatures
 from genesis_core.attn.registry import Backend
 from genesis_core.attn.types import AttentionCall
 
@@ -66,7 +67,7 @@ def count_measures(monkeypatch):
         calls.append(autotune.signature(call))
         return real(call, names, budget_ms)
 
-    monkeypatch.setattr(autotune, "measure", counting)
+    monkeypatch.setattr(measuring, "measure", counting)
     return calls
 
 
@@ -186,7 +187,7 @@ def test_concurrent_writers_keep_every_entry(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
-        from genesis_core.attn.autotune_cache import DiskCache
+        from genesis_core.attn.autotune.disk import DiskCache
         cache = DiskCache({env!r}, {str(path)!r})
         for j in range(15):
             cache.update({{f"p{{sys.argv[1]}}-{{j}}": {{"chosen": "pytorch", "ms": {{"pytorch": 1.0}}}}}})
@@ -283,7 +284,7 @@ def test_one_thread_measures_a_signature_the_others_wait(tuner, monkeypatch):
         torch.testing.assert_close(r.double(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_comfyui_progress_bar_is_used_when_comfy_is_loaded(tuner, monkeypatch):
+def test_the_installed_progress_bar_is_used_while_measuring(tuner, monkeypatch):
     updates = []
 
     class ProgressBar:
@@ -293,9 +294,10 @@ def test_comfyui_progress_bar_is_used_when_comfy_is_loaded(tuner, monkeypatch):
         def update(self, n):
             updates.append((self.total, n))
 
-    fake = types.ModuleType("comfy.utils")
-    fake.ProgressBar = ProgressBar
-    monkeypatch.setitem(sys.modules, "comfy.utils", fake)
+    from genesis_core import progress
+
+    monkeypatch.setattr(progress, "_factory", None)
+    progress.set_factory(ProgressBar)  # what the ComfyUI pack installs (ComfyUI's ProgressBar)
     q, k, v = qkv(d=40)
     call = AttentionCall(q, k, v, None, q.shape[-1] ** -0.5)
     entry = autotune.measure(call, ["sdpa", "pytorch"])
@@ -360,7 +362,7 @@ def test_tune_ahead_on_cpu_is_used_by_auto_in_the_default_mode(tuner, monkeypatc
     def rigged(call, names, budget_ms=None):  # a measurement where the (correct) chunked path wins
         return {"chosen": "pytorch", "ms": {n: (0.1 if n == "pytorch" else 1.0) for n in names}, "rejected": {}}
 
-    monkeypatch.setattr(autotune, "measure", rigged)
+    monkeypatch.setattr(measuring, "measure", rigged)
     q, k, v = qkv(d=72)
     entry = autotune.tune(q, k, v)
     assert entry["chosen"] == "pytorch" != dispatch.DEFAULT_AUTO_ORDER[0]
@@ -386,7 +388,7 @@ def test_cpu_calls_never_initialise_cuda_for_the_cache(tuner, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", no_init)
-    monkeypatch.setattr(autotune, "_envs", {})
+    monkeypatch.setattr(signatures, "_envs", {})
     autotune.reload()
     q, k, v = qkv(d=24)
     genesis_core.attention(q, k, v)
@@ -409,8 +411,8 @@ def test_ties_go_to_the_default_order_and_clear_wins_to_the_winner():
 def test_transient_rejections_do_not_make_a_signature_known():
     entry = {"ms": {"sdpa": 1.0}, "rejected": {"sdpa_math": "not measured: tuning budget of 4000 ms spent",
                                               "flash": "inaccurate: rel err 0.3 over 0.02"}}
-    assert not autotune._known(entry, ["sdpa", "sdpa_math", "flash"])
-    assert autotune._known(entry, ["sdpa", "flash"])
+    assert not autotune.known(entry, ["sdpa", "sdpa_math", "flash"])
+    assert autotune.known(entry, ["sdpa", "flash"])
 
 
 def test_a_transient_skip_is_measured_alone_later_and_merged(tuner, monkeypatch):
@@ -418,11 +420,11 @@ def test_a_transient_skip_is_measured_alone_later_and_merged(tuner, monkeypatch)
     time a call in that bucket plans, and merged into the entry; the others are not measured again."""
     seen = []
     real = autotune.measure
-    monkeypatch.setattr(autotune, "measure", lambda call, names, budget_ms=None: (seen.append(list(names)),
+    monkeypatch.setattr(measuring, "measure", lambda call, names, budget_ms=None: (seen.append(list(names)),
                                                                                  real(call, names, budget_ms))[1])
     guard = {"on": True}
-    real_guard = autotune._memory_guard
-    monkeypatch.setattr(autotune, "_memory_guard", lambda name, call: (
+    real_guard = measuring._memory_guard
+    monkeypatch.setattr(measuring, "_memory_guard", lambda name, call: (
         "not measured: test memory guard" if guard["on"] and name == "sdpa_math" else real_guard(name, call)))
     nq = int(torch.randint(25, 33, ()))
     q, k, v = qkv(nq=nq)

@@ -14,6 +14,7 @@ import torch
 
 import genesis_core
 from genesis_core.attn import autotune, dispatch
+from genesis_core.attn.autotune import measuring
 from genesis_core.attn import compile as gcompile
 
 pytestmark = pytest.mark.skipif(not gcompile.HAS_CUSTOM_OP, reason="torch.library.custom_op needs torch >= 2.4")
@@ -109,7 +110,7 @@ def test_autotuner_measures_on_real_tensors_outside_tracing(tmp_path, monkeypatc
         seen.append(type(call.q).__name__)
         return real(call, names, budget_ms)
 
-    monkeypatch.setattr(autotune, "measure", spy)
+    monkeypatch.setattr(measuring, "measure", spy)
     try:
         m = Block().eval()
         cm = torch.compile(m, backend=CompileCounterWithBackend("aot_eager"), fullgraph=True)

@@ -23,16 +23,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import dispatch
+from .call import normalise_layout
 from .types import AttentionType, mask_4d_shape
 
-_compiler = getattr(torch, "compiler", None)
-if _compiler is not None and hasattr(_compiler, "is_compiling"):
-    is_compiling = _compiler.is_compiling
-else:  # torch < 2.3
-    def is_compiling() -> bool:
-        """Whether Dynamo is tracing the caller right now."""
-        dynamo = getattr(torch, "_dynamo", None)
-        return bool(dynamo is not None and hasattr(dynamo, "is_compiling") and dynamo.is_compiling())
+from ._trace import is_compiling  # noqa: F401  (re-exported: the autotuner and tests ask it here)
 
 
 def _namespace() -> str:
@@ -54,15 +49,13 @@ def _to_bnhd_contiguous(out: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def _real(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-          scale: Optional[float], layout: str, backend: str) -> torch.Tensor:
-    from . import dispatch
-
-    out = dispatch.eager_attention(q, k, v, mask, backend, layout, scale)
+          scale: Optional[float], layout: str, backend: str, quality: Optional[str] = None) -> torch.Tensor:
+    out = dispatch.eager_attention(q, k, v, mask, backend, layout, scale, quality)
     return _to_bnhd_contiguous(out, layout)
 
 
 def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-          scale: Optional[float], layout: str, backend: str) -> torch.Tensor:
+          scale: Optional[float], layout: str, backend: str, quality: Optional[str] = None) -> torch.Tensor:
     if layout == "BNHD":
         b, n, h = q.shape[0], q.shape[1], q.shape[2]
     else:
@@ -87,7 +80,7 @@ def _reference_bnhd(q, k, v, mask, scale, layout) -> torch.Tensor:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, mask, scale, layout, backend = inputs
+    q, k, v, mask, scale, layout, backend, _quality = inputs
     ctx.save_for_backward(q, k, v, mask)
     ctx.scale, ctx.layout = scale, layout
 
@@ -98,7 +91,7 @@ def _backward(ctx, grad):
         qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
         out = _reference_bnhd(qq, kk, vv, mask, ctx.scale, ctx.layout)
         gq, gk, gv = torch.autograd.grad(out, (qq, kk, vv), grad)
-    return gq, gk, gv, None, None, None, None
+    return gq, gk, gv, None, None, None, None, None
 
 
 attention_op = None  # torch < 2.4 has no custom ops: Dynamo graph-breaks around the eager call instead
@@ -115,19 +108,18 @@ if HAS_CUSTOM_OP:
         attention_op = None
 
 
-def traced_attention(q, k, v, mask, backend, layout: str, scale) -> torch.Tensor:
+def traced_attention(q, k, v, mask, backend, layout: str, scale, quality=None) -> torch.Tensor:
     """What ``attention()`` does while Dynamo traces it: one call of the opaque op."""
     name = backend.value if isinstance(backend, AttentionType) else str(backend)
+    layout = normalise_layout(layout)
     if attention_op is None:
-        return _graph_break_attention(q, k, v, mask, name, layout, scale)
-    out = attention_op(q, k, v, mask, None if scale is None else float(scale), layout, name)
+        return _graph_break_attention(q, k, v, mask, name, layout, scale, quality)
+    out = attention_op(q, k, v, mask, None if scale is None else float(scale), layout, name, quality)
     return out if layout == "BNHD" else out.transpose(1, 2)
 
 
-def _graph_break_attention(q, k, v, mask, name, layout, scale):
-    from . import dispatch
-
-    return dispatch.eager_attention(q, k, v, mask, name, layout, scale)
+def _graph_break_attention(q, k, v, mask, name, layout, scale, quality):
+    return dispatch.eager_attention(q, k, v, mask, name, layout, scale, quality)
 
 
 if attention_op is None and hasattr(torch, "_dynamo"):

@@ -1,26 +1,39 @@
-"""The attention backend registry.
+"""The attention backend registry: what each backend declares, in what order, and a change signal.
 
-A backend is one object (usually a module under ``backends/``) that answers three questions:
+A backend is one :class:`Backend` record, registered from its own file under ``backends/``:
 
-* ``available() -> str | None``: why it cannot run at all in this process (probed once, cached), or None.
-* ``unsupported(call) -> str | None``: why it cannot serve this particular call, or None.
-* ``run(call) -> Tensor``: the attention output in BHND, [B, Hq, Nq, Dv].
+* ``limits``: what it accepts, as data (:class:`~.limits.Limits`), checked by one shared function;
+* ``unsupported(call) -> str | None`` (optional): only what data cannot say (PyTorch's own refusals);
+* ``probe() -> str | None``: why it cannot run at all in this process, found with a tiny real call where an
+  import can lie; run once, lazily, and cached;
+* ``run(call) -> Tensor``: the output in BHND, [B, Hq, Nq, Dv];
+* ``precision``: its error class (``exact``, ``int8`` or ``fp8``; see :mod:`.quality`);
+* ``direct(call) -> fn | None`` (optional): a plain ``fn(q, k, v)`` in the caller's layout computing the
+  same as ``run`` for calls like ``call`` with no mask and the default scale, so dispatch can skip building
+  an ``AttentionCall`` on the most common call.
 
-plus ``name``, ``description()`` (which kernel really runs) and ``version()``. Optionally,
-``direct(call) -> fn | None``: a plain ``fn(q, k, v)`` computing the same as ``run(call)`` for calls like
-``call`` that have no mask and the default scale, so dispatch can skip building an ``AttentionCall``
-per call (used for the most common call, where every microsecond of dispatch shows).
-Adding a backend is writing one file and calling :func:`register` from it.
+Order is data: ``register(backend, rank=...)`` places it in the registry order (what ``explain`` and the
+backends table show), and :data:`AUTO_ORDER` is the order AUTO uses before any measurement exists.
+Anything that caches decisions made from the registry (dispatch's plans) subscribes with :func:`on_change`;
+the registry calls it when a backend is added, removed or re-probed. Leaf module: it imports nothing above
+:mod:`.types` and :mod:`.limits`.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .limits import ANY, Limits, checker
 from .types import AttentionCall
+
+# AUTO's order before any measurement (and when measuring is off): the backend that lets PyTorch choose
+# first; ties within the autotuner's margin go to the earliest one here.
+AUTO_ORDER: Tuple[str, ...] = ("sdpa", "flash", "xformers", "pytorch")
+# What every chain ends with, in this order.
+FALLBACK_TAIL: Tuple[str, ...] = ("sdpa", "pytorch")
 
 
 @dataclass
@@ -29,17 +42,23 @@ class Backend:
 
     name: str
     probe: Callable[[], Optional[str]]
-    unsupported: Callable[[AttentionCall], Optional[str]]
     run: Callable[[AttentionCall], torch.Tensor]
     description: Callable[[], str]
+    unsupported: Optional[Callable[[AttentionCall], Optional[str]]] = None
     version: Callable[[], Optional[str]] = lambda: None
-    # Relative-error tolerance against a float32 reference, per dtype; the autotuner rejects worse.
+    limits: Limits = ANY
+    precision: str = "exact"
+    # Relative-error bound against the float64 reference per dtype; it can only tighten the quality level's.
     tolerance: Dict[torch.dtype, float] = field(default_factory=dict)
-    # For calls without mask and with the default scale: a plain fn(q, k, v) equal to run(call), or None.
     direct: Optional[Callable[[AttentionCall], Optional[Callable[..., torch.Tensor]]]] = None
+    # Cost of the first call of a new configuration (a JIT compile), in seconds, once known; for `info`.
+    first_call_s: Optional[float] = None
     _reason: Optional[str] = field(default=None, init=False, repr=False)
     _probed: bool = field(default=False, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._check = checker(self.limits, self.unsupported)
 
     def available(self) -> Optional[str]:
         """None when the backend can run here, otherwise the reason it cannot (probed once)."""
@@ -53,37 +72,62 @@ class Backend:
                     self._probed = True
         return self._reason
 
+    def refusal(self, call: AttentionCall) -> Optional[str]:
+        """Why ``call`` is outside this backend's limits (or refused by its ``unsupported``), or None.
+        Does not probe availability."""
+        return self._check(call)
+
     def reason_for(self, call: AttentionCall) -> Optional[str]:
-        """Why this backend cannot serve ``call`` (unavailable, or unsupported), or None."""
+        """Why this backend cannot serve ``call`` (unavailable, outside its limits, or refused), or None."""
         reason = self.available()
         if reason is not None:
             return reason
-        return self.unsupported(call)
+        return self._check(call)
 
     def reprobe(self) -> None:
         """Forget the cached availability (after installing a package, or in tests)."""
         with self._lock:
             self._probed = False
             self._reason = None
-        from .dispatch import clear_plans  # plans hold what the old probe allowed
-
-        clear_plans()
+        changed()
 
 
 _REGISTRY: Dict[str, Backend] = {}
+_RANKS: Dict[str, float] = {}
 _REG_LOCK = threading.Lock()
+_listeners: List[Callable[[], None]] = []
 
 
-def register(backend: Backend) -> Backend:
-    """Add (or replace) a backend under ``backend.name``."""
+def on_change(callback: Callable[[], None]) -> None:
+    """Call ``callback()`` whenever a backend is registered, removed or re-probed (or :func:`changed` runs)."""
+    if callback not in _listeners:
+        _listeners.append(callback)
+
+
+def changed() -> None:
+    """Tell every subscriber that decisions made from the registry may be stale."""
+    for callback in list(_listeners):
+        callback()
+
+
+def register(backend: Backend, rank: Optional[float] = None) -> Backend:
+    """Add (or replace) a backend under ``backend.name``. ``rank`` orders the registry (lower first);
+    a replaced backend keeps its place, a new one without a rank goes last."""
     with _REG_LOCK:
+        if rank is not None:
+            _RANKS[backend.name] = float(rank)
+        elif backend.name not in _RANKS:
+            _RANKS[backend.name] = max(_RANKS.values(), default=0.0) + 1.0
         _REGISTRY[backend.name] = backend
+    changed()
     return backend
 
 
 def unregister(name: str) -> None:
     with _REG_LOCK:
         _REGISTRY.pop(name, None)
+        _RANKS.pop(name, None)
+    changed()
 
 
 def get(name: str) -> Backend:
@@ -91,19 +135,21 @@ def get(name: str) -> Backend:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown attention backend {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+        raise KeyError(f"unknown attention backend {name!r}; known: {', '.join(names())}") from None
 
 
 def names() -> List[str]:
-    return list(_REGISTRY)
+    """Registered names in registry order."""
+    with _REG_LOCK:
+        return sorted(_REGISTRY, key=lambda n: (_RANKS.get(n, 0.0), n))
 
 
 def all_backends() -> List[Backend]:
-    return list(_REGISTRY.values())
+    return [_REGISTRY[n] for n in names() if n in _REGISTRY]
 
 
 def report() -> List[dict]:
-    """One row per backend: name, available, reason, version, kernel description (probes if needed)."""
+    """One row per backend: name, available, reason, version, kernel, precision, limits (probes if needed)."""
     rows = []
     for b in all_backends():
         reason = b.available()
@@ -114,6 +160,9 @@ def report() -> List[dict]:
                 "reason": reason,
                 "version": b.version(),
                 "kernel": b.description(),
+                "precision": b.precision,
+                "limits": b.limits.describe(),
+                "first_call_s": b.first_call_s,
             }
         )
     return rows

@@ -1,5 +1,5 @@
 """Attention backends: importing this package registers every backend (probing stays lazy).
 
-Order here is the registry order, which is also the order ``explain`` and the backends table show.
+Registry order is data: each file registers with a rank (see registry.register), not import order.
 """
-from . import flash, sage, xformers, sdpa, pytorch  # noqa: F401  (registration side effects)
+from . import flash, pytorch, sage, sdpa, xformers  # noqa: F401  (registration side effects)

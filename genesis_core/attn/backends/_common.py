@@ -7,9 +7,8 @@ from typing import Optional
 
 import torch
 
+from ..limits import HALF as HALF_DTYPES  # noqa: F401  (one definition of the half dtypes)
 from ..types import AttentionCall
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def package_version(dist: str) -> Optional[str]:
@@ -46,23 +45,3 @@ def additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[
         out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
         return out.masked_fill_(~mask, float("-inf"))
     return mask.to(dtype)
-
-
-def flash_shape_limits(call: AttentionCall) -> Optional[str]:
-    """What every FlashAttention kernel refuses: a mask, dtypes other than fp16/bf16, head_dim over 256
-    or different q/k/v head dims."""
-    if call.mask is not None:
-        return "FlashAttention takes no arbitrary mask; a mask was given"
-    reason = need_half(call)
-    if reason:
-        return reason
-    if call.head_dim > 256 or call.v_head_dim != call.head_dim:
-        return f"head_dim {call.head_dim} (v {call.v_head_dim}) not supported: needs equal q/k/v head_dim <= 256"
-    return None
-
-
-def need_half(call: AttentionCall, allowed=HALF_DTYPES) -> Optional[str]:
-    if call.dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        return f"dtype {str(call.dtype).replace('torch.', '')} not in ({names})"
-    return None

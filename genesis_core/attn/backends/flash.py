@@ -9,6 +9,7 @@ No FlashAttention variant takes an arbitrary mask: masked calls fall back along 
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Callable, Optional, Tuple
 
@@ -16,8 +17,8 @@ import torch
 
 from ..registry import Backend, get, register
 from ..types import AttentionCall
-from ._common import flash_shape_limits, module_present, package_version
-from .sdpa import sdpa_kernel
+from ._common import module_present, package_version
+from .sdpa import FLASH_CUDA_LIMITS, sdpa_kernel
 
 # (label, module to import, attribute, distribution name for the version)
 _CANDIDATES = (
@@ -61,6 +62,8 @@ def _probe_packages() -> None:
 
 
 def _probe() -> Optional[str]:
+    if not torch.cuda.is_available():
+        return "no CUDA device: FlashAttention runs on CUDA only (on CPU, sdpa serves)"
     _probe_packages()
     if _impl is not None:
         return None
@@ -71,13 +74,9 @@ def _probe() -> Optional[str]:
 
 
 def _unsupported(call: AttentionCall) -> Optional[str]:
+    """PyTorch's own refusal when its built-in kernel serves (the limits as data are checked first)."""
     if _impl is None:
-        return get("sdpa_flash").unsupported(call)
-    reason = flash_shape_limits(call)
-    if reason:
-        return reason
-    if call.device.type != "cuda":
-        return f"{_impl[0]} needs CUDA tensors; got device {call.device}"
+        return get("sdpa_flash").reason_for(call)
     return None
 
 
@@ -111,10 +110,12 @@ backend = register(
     Backend(
         name="flash",
         probe=_probe,
+        limits=dataclasses.replace(FLASH_CUDA_LIMITS, devices=("cuda",)),
         unsupported=_unsupported,
         run=run,
         description=_description,
         version=_version,
         tolerance={torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-3},
-    )
+    ),
+    rank=10,
 )

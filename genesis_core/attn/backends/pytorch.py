@@ -7,7 +7,6 @@ whole [B, H, Nq, Nk] matrix. Grouped-query attention is computed without copying
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
@@ -15,12 +14,6 @@ from ..registry import Backend, register
 from ..types import AttentionCall
 
 SCORE_BUDGET_BYTES = 256 * 1024 * 1024  # float32 scores of one query block
-
-
-def _unsupported(call: AttentionCall) -> Optional[str]:
-    if not call.dtype.is_floating_point:
-        return f"dtype {call.dtype} is not a floating type"
-    return None
 
 
 def query_block(call: AttentionCall, budget: int = SCORE_BUDGET_BYTES) -> int:
@@ -65,10 +58,10 @@ backend = register(
     Backend(
         name="pytorch",
         probe=lambda: None,
-        unsupported=_unsupported,
         run=run,
         description=lambda: "PyTorch matmul-softmax-matmul (float32 softmax), chunked over query blocks",
         version=lambda: torch.__version__,
         tolerance={torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 2e-2, torch.bfloat16: 3e-2},
-    )
+    ),
+    rank=90,
 )

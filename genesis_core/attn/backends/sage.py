@@ -20,7 +20,8 @@ import torch
 from ..._log import first_line
 from ..registry import Backend, register
 from ..types import AttentionCall
-from ._common import module_present, need_half, package_version
+from ..limits import HALF, Limits
+from ._common import module_present, package_version
 
 HEAD_DIMS = (64, 96, 128)
 # SageAttention 1.0.6 is wrong when the key length is not a multiple of its 64-key block: measured on an
@@ -62,23 +63,15 @@ def _probe() -> Optional[str]:
     return None
 
 
+LIMITS = Limits(devices=("cuda",), dtypes=HALF, head_dims=HEAD_DIMS, equal_v_head_dim=True, mask=False,
+                autograd=False)
+
+
 def _unsupported(call: AttentionCall) -> Optional[str]:
-    reason = need_half(call)
-    if reason:
-        return reason
-    if call.head_dim not in HEAD_DIMS:
-        return f"head_dim {call.head_dim} not in {HEAD_DIMS}"
-    if call.v_head_dim != call.head_dim:
-        return f"v head_dim {call.v_head_dim} differs from q/k head_dim {call.head_dim}"
-    if call.mask is not None:
-        return "SageAttention takes no arbitrary mask; a mask was given"
+    """What depends on the installed version: 1.x is wrong unless the key length fills its 64-key blocks."""
     if _major() == 1 and call.kv_len % KEY_BLOCK_1X:
-        return (f"key length {call.kv_len} is not a multiple of {KEY_BLOCK_1X}: SageAttention 1.x returns "
-                "up to 27% relative error there (measured on H100)")
-    if torch.is_grad_enabled() and (call.q.requires_grad or call.k.requires_grad or call.v.requires_grad):
-        return "SageAttention has no backward pass and inputs require grad (use it under torch.no_grad())"
-    if call.device.type != "cuda":
-        return f"SageAttention needs CUDA tensors; got device {call.device}"
+        return (f"key length {call.kv_len} not supported: needs a multiple of {KEY_BLOCK_1X} (SageAttention 1.x "
+                "returns up to 27% relative error there, measured on H100)")
     return None
 
 
@@ -97,10 +90,12 @@ backend = register(
     Backend(
         name="sage",
         probe=_probe,
+        limits=LIMITS,
         unsupported=_unsupported,
+        precision="int8",
         run=run,
         description=_description,
         version=lambda: package_version("sageattention"),
-        tolerance={torch.float16: 5e-2, torch.bfloat16: 5e-2},
-    )
+    ),
+    rank=20,
 )

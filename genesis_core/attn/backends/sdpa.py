@@ -13,9 +13,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..._memory import scores_refusal
+from ..limits import Limits, check
 from ..registry import Backend, register
 from ..types import AttentionCall
-from ._common import HALF_DTYPES, expand_kv, flash_shape_limits, need_half
+from ._common import HALF_DTYPES, expand_kv
 
 _TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 SDPA_GQA = _TORCH >= (2, 5)  # enable_gqa= exists from torch 2.5
@@ -58,44 +60,17 @@ def _direct(call: AttentionCall) -> Optional[Callable[..., torch.Tensor]]:
     return None
 
 
-def _no_extra(call: AttentionCall) -> Optional[str]:
-    return None
-
-
-def _flash_limits(call: AttentionCall) -> Optional[str]:
-    if call.mask is not None:
-        return "FlashAttention takes no arbitrary mask; a mask was given"
+def _flash_cuda_limits(call: AttentionCall) -> Optional[str]:
+    """PyTorch's FlashAttention kernel: on CUDA the FlashAttention-2 limits; on CPU only equal head dims."""
     if call.device.type == "cuda":
-        reason = flash_shape_limits(call)
-        if reason:
-            return reason
-        major, _ = torch.cuda.get_device_capability(call.device)
-        if major < 8:
-            return f"FlashAttention needs compute capability >= 8.0; device has {major}.x"
-        return None
-    if call.device.type == "cpu":
-        if call.v_head_dim != call.head_dim:
-            return f"v head_dim {call.v_head_dim} differs from q/k head_dim {call.head_dim}"
-        return None
-    return f"PyTorch's FlashAttention kernel runs on CUDA and CPU; got device {call.device}"
-
-
-def _cuda_only(call: AttentionCall) -> Optional[str]:
-    if call.device.type != "cuda":
-        return f"this SDPA sub-kernel runs on CUDA only; got device {call.device}"
+        return check(FLASH_CUDA_LIMITS, call)
     return None
 
 
-def _cudnn_limits(call: AttentionCall) -> Optional[str]:
-    reason = _cuda_only(call) or need_half(call)
-    if reason:
-        return reason
-    if call.head_dim > 256 or call.head_dim % 8:
-        return f"head_dim {call.head_dim} not supported by cuDNN attention (needs a multiple of 8, <= 256)"
-    major, _ = torch.cuda.get_device_capability(call.device)
-    if major < 8:
-        return f"cuDNN attention needs compute capability >= 8.0; device has {major}.x"
-    return None
+def _math_footprint(call: AttentionCall) -> Optional[str]:
+    """The math kernel materialises the [B, H, Nq, Nk] scores and their softmax (float32): refuse what
+    would not fit in half the device's free memory (the same guard the autotuner applies)."""
+    return scores_refusal(call.batch * call.heads * call.q_len * call.kv_len, 8, call.device)
 
 
 # PyTorch's enable_gqa is served by its flash and math kernels only (seen on torch 2.11, H100):
@@ -154,25 +129,34 @@ def _version() -> str:
 
 
 _TOL = {torch.float32: 1e-3, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+# FlashAttention-2 (PyTorch's built-in CUDA kernel) and every FlashAttention package: no mask, fp16/bf16,
+# equal q/k/v head_dim <= 256, compute capability 8.0 or newer.
+FLASH_CUDA_LIMITS = Limits(dtypes=HALF_DTYPES, max_head_dim=256, equal_v_head_dim=True, mask=False,
+                           min_capability=(8, 0))
 
 backend = register(
     Backend(
         name="sdpa",
         probe=_probe,
-        unsupported=_no_extra,
         run=sdpa,
         description=lambda: "torch.nn.functional.scaled_dot_product_attention (PyTorch chooses the sub-kernel)",
         version=_version,
         tolerance=dict(_TOL),
         direct=_direct,
-    )
+    ),
+    rank=40,
 )
 
+# name: (SDPBackend member, limits as data, what data cannot say, description)
 PINNED = {
-    "sdpa_flash": ("FLASH_ATTENTION", _flash_limits, "SDPA pinned to PyTorch's FlashAttention kernel (FA2 on CUDA)"),
-    "sdpa_efficient": ("EFFICIENT_ATTENTION", _cuda_only, "SDPA pinned to the memory-efficient (xformers-derived) kernel"),
-    "sdpa_cudnn": ("CUDNN_ATTENTION", _cudnn_limits, "SDPA pinned to cuDNN fused attention"),
-    "sdpa_math": ("MATH", _no_extra, "SDPA pinned to PyTorch's math reference kernel"),
+    "sdpa_flash": ("FLASH_ATTENTION", Limits(devices=("cuda", "cpu"), mask=False, equal_v_head_dim=True),
+                   _flash_cuda_limits, "SDPA pinned to PyTorch's FlashAttention kernel (FA2 on CUDA, its CPU kernel)"),
+    "sdpa_efficient": ("EFFICIENT_ATTENTION", Limits(devices=("cuda",)), None,
+                       "SDPA pinned to the memory-efficient (xformers-derived) kernel"),
+    "sdpa_cudnn": ("CUDNN_ATTENTION", Limits(devices=("cuda",), dtypes=HALF_DTYPES, max_head_dim=256,
+                                             head_dim_multiple=8, min_capability=(8, 0)), None,
+                   "SDPA pinned to cuDNN fused attention"),
+    "sdpa_math": ("MATH", Limits(), _math_footprint, "SDPA pinned to PyTorch's math reference kernel"),
 }
 
 
@@ -184,30 +168,33 @@ def _pinned_probe(cuda_only: bool = False) -> Optional[str]:
     return _probe()
 
 
-def _with_torch_check(kernel_name: str, limits: Callable[[AttentionCall], Optional[str]]):
+def _with_torch_check(kernel_name: str, extra: Optional[Callable[[AttentionCall], Optional[str]]]):
     native_gqa = kernel_name in NATIVE_GQA_KERNELS
 
     def unsupported(call: AttentionCall) -> Optional[str]:
-        return limits(call) or torch_refusal(kernel_name, call, native_gqa)
+        return (extra(call) if extra else None) or torch_refusal(kernel_name, call, native_gqa)
 
     return unsupported
 
 
-for _name, (_kernel, _limits, _desc) in PINNED.items():
+for _rank, (_name, (_kernel, _limits, _extra, _desc)) in enumerate(PINNED.items()):
     if SDPBackend is None or not hasattr(SDPBackend, _kernel):
         register(Backend(name=_name, probe=lambda k=_kernel: f"torch {torch.__version__} has no SDPBackend.{k}",
-                         unsupported=_limits, run=lambda call: None, description=lambda d=_desc: d, version=_version))
+                         limits=_limits, run=lambda call: None, description=lambda d=_desc: d, version=_version),
+                 rank=41 + _rank)
         continue
     register(
         Backend(
             name=_name,
-            probe=lambda c=_limits in (_cuda_only, _cudnn_limits): _pinned_probe(c),
-            unsupported=_with_torch_check(_kernel, _limits),
+            probe=lambda c=_limits.devices == ("cuda",): _pinned_probe(c),
+            limits=_limits,
+            unsupported=_with_torch_check(_kernel, _extra),
             run=_pinned(_kernel),
             description=lambda d=_desc: d,
             version=_version,
             tolerance=dict(_TOL),
-        )
+        ),
+        rank=41 + _rank,
     )
 
-__all__ = ["sdpa", "SDPA_GQA", "HALF_DTYPES"]
+__all__ = ["sdpa", "SDPA_GQA", "HALF_DTYPES", "FLASH_CUDA_LIMITS"]

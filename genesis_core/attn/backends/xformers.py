@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..._log import first_line
+from ..limits import Limits
 from ..registry import Backend, register
 from ..types import AttentionCall
 from ._common import additive_mask, expand_kv, module_present, package_version
@@ -50,14 +51,6 @@ def _probe() -> Optional[str]:
     return None
 
 
-def _unsupported(call: AttentionCall) -> Optional[str]:
-    if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {str(call.dtype).replace('torch.', '')} not in (float16, bfloat16, float32)"
-    if call.device.type != "cuda":
-        return f"xformers kernels need CUDA tensors; got device {call.device}"
-    return None
-
-
 def run(call: AttentionCall) -> torch.Tensor:
     k, v = expand_kv(call)
     bias = None
@@ -77,10 +70,11 @@ backend = register(
     Backend(
         name="xformers",
         probe=_probe,
-        unsupported=_unsupported,
+        limits=Limits(dtypes=(torch.float16, torch.bfloat16, torch.float32), devices=("cuda",)),
         run=run,
         description=lambda: "xformers.ops.memory_efficient_attention (CUTLASS / FlashAttention kernels chosen by xformers)",
         version=lambda: package_version("xformers"),
         tolerance={torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-3},
-    )
+    ),
+    rank=30,
 )
