@@ -253,3 +253,149 @@ def test_fastest_choice_gets_a_verdict_without_pairing(monkeypatch):
     assert s["auto_backend"] == "sdpa" == s["fastest_correct"]
     assert "choice_vs_fastest_paired" not in s and "same_kernel" not in s
     assert s["choice_ok"] is True and s["choice_verdict"] == "chose the fastest correct backend"
+
+
+# ---------------------------------------------------------------- the printed report (issue 12, item 15)
+
+WIDTH = 100
+
+
+@pytest.fixture(scope="module")
+def full_cpu_run(tmp_path_factory):
+    """One CPU run of every section on tiny shapes, through the command line: (stdout, JSON)."""
+    out = tmp_path_factory.mktemp("bench") / "all.json"
+    proc = subprocess.run([sys.executable, "-m", "genesis_core", "bench", "--device", "cpu", "--shapes", "tiny",
+                           "--reps", "2", "--backends", "sdpa,pytorch,sage", "--e2e-size", "small",
+                           "--e2e-blocks", "1", "--json", str(out), "--no-progress"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "COMFYUI_PATH": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_every_printed_line_fits_100_columns(full_cpu_run):
+    text, _ = full_cpu_run
+    wide = [line for line in text.splitlines() if len(line) > WIDTH]
+    assert not wide, f"{len(wide)} line(s) over {WIDTH} columns, e.g. {wide[0]!r}"
+    assert "skipped" in text and "Executor" in text  # the long notes and the executor rows were printed
+
+
+def _paragraphs(text):
+    """Printed lines with their continuation lines (indented deeper than the line they continue) joined on."""
+    out = []
+    for line in text.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if out and line.strip() and indent > out[-1][0] and out[-1][0] > 0:
+            out[-1][1] += " " + line.strip()
+        else:
+            out.append([indent, line.strip()])
+    return [p for _, p in out]
+
+
+def test_every_target_line_carries_a_verdict(full_cpu_run):
+    text, data = full_cpu_run
+    verdicts = [p for p in _paragraphs(text) if "target" in p]
+    assert verdicts, "the run states no target at all"
+    for p in verdicts:
+        assert p.split()[0] in ("PASS", "FAIL", "SKIP"), f"a target without a verdict: {p!r}"
+    # one verdict per judged item: the choice per shape, the dispatch overhead per device, the e2e table
+    assert sum(" choice " in v for v in verdicts) == len(data["summary"]) == 1
+    assert sum("dispatch overhead" in v for v in verdicts) == len({r["device"] for r in data["overhead"]}) == 1
+    assert sum("end to end" in v for v in verdicts) == 1
+    # the verdicts follow the numbers
+    auto = next(r for r in data["overhead"] if r["call"].startswith("genesis_core.attention(q, k, v)"))
+    expect = "PASS" if auto["overhead_us"] <= bench.OVERHEAD_TARGET_US else "FAIL"
+    assert next(v for v in verdicts if "dispatch overhead" in v).startswith(expect)
+    choice = {True: "PASS", False: "FAIL", None: "SKIP"}[data["summary"][0]["choice_ok"]]
+    assert next(v for v in verdicts if " choice " in v).startswith(choice)
+    e2e = data["e2e"][1]
+    assert e2e["target_ok"] is (e2e["ms"] <= data["e2e"][0]["ms"] * (1 + bench.verdicts.E2E_NOISE))
+    assert next(v for v in verdicts if "end to end" in v).startswith("PASS" if e2e["target_ok"] else "FAIL")
+
+
+def test_estimate_is_printed_first_and_holds(full_cpu_run):
+    text, data = full_cpu_run
+    lines = text.splitlines()
+    est = next(i for i, line in enumerate(lines) if line.startswith("Estimated time: about "))
+    first_table = next(i for i, line in enumerate(lines) if line.startswith("shape "))
+    assert est < first_table
+    estimated = data["settings"]["estimated_s"]
+    took = data["elapsed_s"]
+    assert set(estimated) == {"attention", "overhead", "e2e", "executor", "total"}
+    assert estimated["total"] == pytest.approx(sum(v for k, v in estimated.items() if k != "total"))
+    assert lines[-1].startswith("Finished in ") or any(line.startswith("Finished in ") for line in lines[-3:])
+    # a rough model: within a factor of 6 either way on a quiet or a busy machine
+    assert took / 6 <= estimated["total"] <= took * 6, (estimated, took)
+
+
+def test_estimate_grows_with_what_is_asked():
+    from genesis_core.bench import estimate
+
+    speed = estimate.Speed(gflops=20.0, call_us=10.0)
+    cpu = torch.device("cpu")
+    plan = dict(names=["sdpa", "pytorch"], include_auto=True, device=cpu, dtype=torch.float32, reps=5, warmup=2,
+                budget_ms=3000.0, e2e_size="small", e2e_blocks=2, comfyui=False)
+    one = estimate.estimate(["attention"], bench.parse_shapes("tiny"), speed=speed, **plan)
+    two = estimate.estimate(["attention"], bench.parse_shapes("tiny;small"), speed=speed, **plan)
+    assert 0 < one["attention"] < two["attention"] and one["overhead"] == 0 == one["e2e"]
+    every = estimate.estimate(list(bench.SECTIONS), bench.parse_shapes("tiny"), speed=speed, **plan)
+    assert all(every[s] > 0 for s in bench.SECTIONS) and every["total"] > one["total"]
+    slower = estimate.estimate(["attention"], bench.parse_shapes("small"), speed=estimate.Speed(2.0, 10.0), **plan)
+    assert slower["attention"] > estimate.estimate(["attention"], bench.parse_shapes("small"), speed=speed,
+                                                   **plan)["attention"]
+
+
+def test_e2e_on_the_baselines_own_kernel_says_so_instead_of_a_ratio(capsys):
+    with dispatch.use_backend("sdpa"):  # F.scaled_dot_product_attention itself: the baseline's kernel
+        rows = bench.bench_e2e(torch.device("cpu"), torch.float32, "small", 1, 2, 0)
+    dispatch.clear_plans()
+    assert rows[1]["attention_backend"] == "sdpa"
+    assert rows[1]["same_as_baseline"] is True and rows[1]["same_as_baseline_why"] == "same backend (sdpa)"
+    bench.print_e2e(rows)
+    text = capsys.readouterr().out
+    auto_lines = [line for line in text.splitlines() if "AUTO" in line or "same backend" in line]
+    assert any("same backend (sdpa)" in line for line in auto_lines)
+    assert not any(re_ratio.search(line) for line in auto_lines for re_ratio in [__import__("re").compile(
+        r"x\d\.\d{3}|[+-]\d+\.\d%")]), auto_lines
+    assert rows[1]["target_ok"] in (True, False) and text.count("end to end") == 1
+
+
+def test_e2e_on_another_kernel_keeps_its_ratio(capsys):
+    with dispatch.use_backend("pytorch"):  # matmul-softmax-matmul: not the baseline's kernel
+        rows = bench.bench_e2e(torch.device("cpu"), torch.float32, "small", 1, 2, 0)
+    dispatch.clear_plans()
+    assert rows[1]["attention_backend"] == "pytorch" and rows[1]["same_as_baseline"] is False
+    bench.print_e2e(rows)
+    text = capsys.readouterr().out
+    ratio = rows[1]["ms"] / rows[0]["ms"]
+    assert f"x{ratio:.3f}" in text and "same backend" not in text
+    assert rows[1]["target_ok"] is (ratio <= 1.0 + bench.verdicts.E2E_NOISE)
+
+
+def test_attention_summary_names_the_same_backend_instead_of_a_ratio(capsys):
+    with dispatch.use_backend("sdpa"):
+        rows, summary = bench.bench_attention(bench.parse_shapes("tiny"), ["sdpa"], True, torch.device("cpu"),
+                                              torch.float32, 2, 1, 1000.0, False, 0)
+    dispatch.clear_plans()
+    assert summary[0]["auto_backend"] == summary[0]["fastest_correct"] == "sdpa"
+    bench.print_attention(rows, summary)
+    text = capsys.readouterr().out
+    assert "same backend as the fastest (sdpa)" in text and "chosen kernel alone" not in text
+
+
+def test_executor_rows_have_no_speedup_on_overheads_and_no_nan(capsys):
+    from genesis_core.compute import bench as compute_bench
+
+    rows = compute_bench.run_executor_bench(quick=True, print_table=True)
+    text = capsys.readouterr().out
+    assert "speedup" not in text and "nan" not in text.lower()
+    assert all(len(line) <= WIDTH for line in text.splitlines())
+    for r in rows:
+        assert r["ms"] is None or math.isfinite(r["ms"]), r
+        if "overhead" in r["name"]:
+            # ms are stored rounded to 0.1 us, the overhead from the unrounded times
+            assert "speedup" not in r and r["overhead_us"] == pytest.approx((r["ms"] - r["baseline_ms"]) * 1e3,
+                                                                            abs=0.11)
+            assert f"{r['overhead_us']:+.2f} us" in text
+        if r["ms"] is None:  # not measured: the row says why
+            assert r.get("note") and " ".join(r["note"].split()) in " ".join(text.split())

@@ -13,11 +13,12 @@ Sections (``--section``, comma-separated; default all), one module each:
   also ComfyUI's own Flux model (``comfy_e2e.py``, the one optional module that imports ComfyUI).
 * ``executor``: the executor's own rows (``genesis_core.compute.bench``).
 
-``cli.py`` parses the arguments and runs the sections; ``report.py`` prints; ``plot.py`` draws ``--plot``.
+``cli.py`` parses the arguments, says how long the run will take (``estimate.py``) and runs the sections;
+``report.py`` prints (at most 100 columns, a PASS/FAIL verdict beside every target); ``plot.py`` draws ``--plot``.
 Timing primitives are shared with the autotuner (``genesis_core._timing``). Defaults follow the device:
 the diffusion shape set in bf16 on CUDA, small shapes in float32 on CPU. This package only re-exports.
 """
-from . import kernels
+from . import estimate, kernels, verdicts
 from .attention import bench_attention
 from .cli import SECTIONS, build_parser, environment, main
 from .comfy_e2e import bench_e2e_comfyui, comfyui_path
@@ -32,6 +33,6 @@ from .verdicts import CHOICE_TARGET, OVERHEAD_TARGET_US, choice_verdict
 __all__ = [
     "CHOICE_TARGET", "DTYPES", "FluxLikeBlock", "KERNEL_NAME_CHARS", "OVERHEAD_TARGET_US", "SECTIONS", "SHAPE_SETS",
     "Shape", "bench_attention", "bench_e2e", "bench_e2e_comfyui", "bench_overhead", "build_parser", "choice_verdict",
-    "comfyui_path", "device_kernels", "environment", "kernels", "main", "parse_shapes", "print_attention",
-    "print_e2e", "print_overhead", "write_plot",
+    "comfyui_path", "device_kernels", "environment", "estimate", "kernels", "main", "parse_shapes", "print_attention",
+    "print_e2e", "print_overhead", "verdicts", "write_plot",
 ]

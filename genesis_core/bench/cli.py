@@ -16,9 +16,10 @@ from ..attn import autotune, dispatch, registry
 from .attention import bench_attention
 from .comfy_e2e import bench_e2e_comfyui, comfyui_path
 from .e2e import bench_e2e
+from .estimate import estimate, measure_speed
 from .overhead import bench_overhead
 from .plot import write_plot
-from .report import print_attention, print_e2e, print_overhead
+from .report import fit, print_attention, print_e2e, print_overhead, say
 from .shapes import DTYPES, parse_shapes
 
 SECTIONS = ("attention", "overhead", "e2e", "executor")
@@ -96,66 +97,100 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
+    started = time.perf_counter()
+    size = args.e2e_size or ("small" if on_cpu else "flux")
+    blocks = args.e2e_blocks or (2 if size == "small" else 4)
+    comfy_path = comfyui_path(args.comfyui)
 
     env = environment(device)
-    result: dict = {"environment": env, "settings": {"dtype": str(dtype).replace("torch.", ""), "reps": reps,
-                                                      "warmup": args.warmup, "budget_ms": args.budget_ms,
-                                                      "sections": sections,
+    dt = str(dtype).replace("torch.", "")
+    result: dict = {"environment": env, "settings": {"dtype": dt, "reps": reps, "warmup": args.warmup,
+                                                      "budget_ms": args.budget_ms, "sections": sections,
                                                       "shapes": [asdict(s) for s in shapes]}}
-    print(f"Genesis bench: {env['device_name']} ({device}), torch {env['torch']}"
-          + (f", CUDA {env['cuda']}, cuDNN {env.get('cudnn')}" if device.type == "cuda" else "")
-          + f", {str(dtype).replace('torch.', '')}, autotune {env['autotune_mode']}, {env['date_utc']}")
+    say(f"Genesis bench: {env['device_name']} ({device}), torch {env['torch']}"
+        + (f", CUDA {env['cuda']}, cuDNN {env.get('cudnn')}" if device.type == "cuda" else "")
+        + f", {dt}, autotune {env['autotune_mode']}, {env['date_utc']}")
+    guess = estimate(sections, shapes, names=names, include_auto=include_auto, device=device, dtype=dtype,
+                     reps=reps, warmup=args.warmup, budget_ms=args.budget_ms, e2e_size=size, e2e_blocks=blocks,
+                     comfyui=bool(comfy_path), speed=measure_speed(device, dtype))
+    result["settings"]["estimated_s"] = guess
+    say(f"Estimated time: about {_seconds(guess['total'])} ("
+        + ", ".join(f"{s} {_seconds(guess[s])}" for s in SECTIONS if s in sections) + ")")
+    sys.stdout.flush()
     status = 0
     progress = not args.no_progress
+    clock = _SectionClock(result)
     if "attention" in sections:
+        clock.start("attention")
         rows, summary = bench_attention(shapes, names, include_auto, device, dtype, reps, args.warmup,
                                         args.budget_ms, progress, args.seed)
         result["attention"], result["summary"] = rows, summary
         print_attention(rows, summary)
         result["autotune"] = autotune.timings()
         if args.plot:
-            err = write_plot(args.plot, rows, f"{env['device_name']}, torch {env['torch']}, {str(dtype).replace('torch.', '')}")
-            print(f"\nplot: {err}" if err else f"\nplot written to {args.plot}")
+            err = write_plot(args.plot, rows, f"{env['device_name']}, torch {env['torch']}, {dt}")
+            say(f"\nplot: {err}" if err else f"\nplot written to {args.plot}")
     if "overhead" in sections:
+        clock.start("overhead")
         devs = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
         result["overhead"] = bench_overhead(devs)
         print_overhead(result["overhead"])
     if "e2e" in sections:
-        size = args.e2e_size or ("small" if on_cpu else "flux")
-        blocks = args.e2e_blocks or (2 if size == "small" else 4)
-        try:
-            result["e2e"] = bench_e2e(device, dtype, size, blocks, max(reps, 5), args.seed)
-            print_e2e(result["e2e"])
-        except Exception as exc:
-            print(f"\ne2e failed: {first_line(exc)}", file=sys.stderr)
-            result["e2e_error"] = first_line(exc)
-            status = 1
-        comfy_path = comfyui_path(args.comfyui)
+        clock.start("e2e")
+        status |= _section(result, "e2e", "e2e", lambda: bench_e2e(device, dtype, size, blocks, max(reps, 5), args.seed),
+                           print_e2e)
         if comfy_path:
             double, single = (1, 2) if size == "small" else (2, 4)
-            try:
-                result["e2e_comfyui"] = bench_e2e_comfyui(comfy_path, device, dtype, size, double, single,
-                                                          max(reps, 5), args.seed)
-                print_e2e(result["e2e_comfyui"])
-            except Exception as exc:
-                print(f"\ne2e with ComfyUI's Flux failed: {first_line(exc)}", file=sys.stderr)
-                result["e2e_comfyui_error"] = first_line(exc)
-                status = 1
+            status |= _section(result, "e2e_comfyui", "e2e with ComfyUI's Flux",
+                               lambda: bench_e2e_comfyui(comfy_path, device, dtype, size, double, single,
+                                                         max(reps, 5), args.seed), print_e2e)
     if "executor" in sections:
+        clock.start("executor")
         try:
             from ..compute import bench as compute_bench
         except ImportError as exc:
-            print(f"\nexecutor section skipped: {exc}")
+            say(f"\nexecutor section skipped: {exc}")
         else:
-            try:
-                print("\nExecutor:")
-                result["executor"] = compute_bench.run_executor_bench(quick=on_cpu, print_table=True)
-            except Exception as exc:
-                print(f"\nexecutor section failed: {first_line(exc)}", file=sys.stderr)
-                result["executor_error"] = first_line(exc)
-                status = 1
+            print("\nExecutor:")
+            status |= _section(result, "executor", "executor section",
+                               lambda: compute_bench.run_executor_bench(quick=on_cpu, print_table=True))
+    clock.start(None)
+    result["elapsed_s"] = time.perf_counter() - started
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1, default=str)
-        print(f"\njson written to {args.json}")
+        say(f"\njson written to {args.json}")
+    say(f"\nFinished in {_seconds(result['elapsed_s'])} (estimated about {_seconds(guess['total'])}).")
     return status
+
+
+def _section(result: dict, key: str, label: str, run, show=None) -> int:
+    """Run one section into ``result[key]`` (printing it with ``show``); a failure is reported in
+    ``result[key + "_error"]`` and on stderr, and the run goes on. Returns 1 on failure, else 0."""
+    try:
+        result[key] = run()
+        if show is not None:
+            show(result[key])
+    except Exception as exc:
+        print(fit(f"\n{label} failed: {first_line(exc)}"), file=sys.stderr)
+        result[key + "_error"] = first_line(exc)
+        return 1
+    return 0
+
+
+class _SectionClock:
+    """Seconds each section took, into ``result["section_s"]`` (beside the estimate in ``settings``)."""
+
+    def __init__(self, result: dict) -> None:
+        self.times = result.setdefault("section_s", {})
+        self.name, self.t0 = None, 0.0
+
+    def start(self, name: Optional[str]) -> None:
+        now = time.perf_counter()
+        if self.name is not None:
+            self.times[self.name] = now - self.t0
+        self.name, self.t0 = name, now
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 10 else f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"

@@ -15,6 +15,12 @@ import torch
 
 from .._timing import time_runs
 from ..attn import dispatch
+from .kernels import same_as_baseline
+from .verdicts import e2e_verdict
+
+# ComfyUI's attention functions (comfy.ldm.modules.attention) -> the Genesis backend running the same kernel
+COMFY_ATTENTION_BACKEND = {"attention_pytorch": "sdpa", "attention_sage": "sage", "attention_xformers": "xformers",
+                           "attention_flash": "flash"}
 
 ENV_COMFYUI = "COMFYUI_PATH"
 
@@ -87,7 +93,14 @@ def bench_e2e_comfyui(path: str, device: torch.device, dtype: torch.dtype, size:
             for name, opts in variants.items():
                 samples[name].append(time_runs(
                     lambda: model(x, ts, ctx, y=y, guidance=guidance, transformer_options=dict(opts)), device, 1)[0])
+    served = dispatch.last_backend()
     base_name, gen_name = list(variants)
+
+    def forward_with(opts):
+        return lambda: model(x, ts, ctx, y=y, guidance=guidance, transformer_options=dict(opts))
+
+    same, why = same_as_baseline(forward_with(variants[base_name]), forward_with(variants[gen_name]), device,
+                                 COMFY_ATTENTION_BACKEND.get(default_name), served)
     diff = float(torch.linalg.vector_norm(outs[gen_name] - outs[base_name]) / torch.linalg.vector_norm(outs[base_name]))
     base_ms = statistics.median(samples[base_name])
     n_tokens = (lat // 2) ** 2 + txt
@@ -98,6 +111,8 @@ def bench_e2e_comfyui(path: str, device: torch.device, dtype: torch.dtype, size:
                      "size": f"ComfyUI Flux, {double} double + {single} single blocks, {n_tokens} tokens, "
                              f"hidden {hidden} ({heads} heads x {hidden // heads})",
                      "ms": ms, "vs_baseline": ms / base_ms, "rel_diff_vs_baseline": 0.0 if name == base_name else diff,
-                     "attention_backend": None if name == base_name else dispatch.last_backend(),
+                     "attention_backend": None if name == base_name else served,
                      "genesis_calls": None if name == base_name else override.calls})
+    rows[1].update(same_as_baseline=same, same_as_baseline_why=why)
+    rows[1]["target_ok"], rows[1]["verdict"] = e2e_verdict(rows)
     return rows

@@ -2,7 +2,9 @@
 
 LayerNorm → QKV → RMSNorm(q, k) → attention → projection → MLP, with Genesis AUTO against plain
 ``F.scaled_dot_product_attention`` (what ComfyUI's default attention calls on current PyTorch), timed
-alternately in one run. ComfyUI's own Flux model is in ``comfy_e2e.py``.
+alternately in one run. Where AUTO served the baseline's own kernel (same device kernels, or on CPU the
+same backend: ``sdpa`` is ``F.scaled_dot_product_attention`` itself), the row says so and the verdict gives
+no speed ratio. ComfyUI's own Flux model is in ``comfy_e2e.py``.
 """
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ import torch.nn.functional as F
 
 from .._timing import time_runs
 from ..attn import dispatch
+from .kernels import same_as_baseline
+from .verdicts import e2e_verdict
+
+BASELINE_BACKEND = "sdpa"  # the Genesis backend that runs F.scaled_dot_product_attention itself
 
 
 class _RMSNorm(nn.Module):
@@ -75,15 +81,27 @@ def bench_e2e(device: torch.device, dtype: torch.dtype, size: str, blocks: int, 
             for name, fn in variants.items():
                 current["fn"] = fn
                 samples[name].append(time_runs(lambda: stack(x), device, 1)[0])
+    served = dispatch.last_backend()
     base_name, gen_name = list(variants)
     base = outs[base_name]
     diff = float(torch.linalg.vector_norm(outs[gen_name] - base) / torch.linalg.vector_norm(base))
     base_ms = statistics.median(samples[base_name])
+
+    def forward_with(fn):
+        def run():
+            current["fn"] = fn
+            stack(x)
+        return run
+
+    same, why = same_as_baseline(forward_with(variants[base_name]), forward_with(variants[gen_name]), device,
+                                 BASELINE_BACKEND, served)
     rows = []
     for name in variants:
         ms = statistics.median(samples[name])
         rows.append({"variant": name, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                      "size": f"{blocks} blocks, B{b} N{n} H{heads} D{hd} (hidden {heads * hd})", "ms": ms,
                      "vs_baseline": ms / base_ms, "rel_diff_vs_baseline": 0.0 if name == base_name else diff,
-                     "attention_backend": None if name == base_name else dispatch.last_backend()})
+                     "attention_backend": None if name == base_name else served})
+    rows[1].update(same_as_baseline=same, same_as_baseline_why=why)
+    rows[1]["target_ok"], rows[1]["verdict"] = e2e_verdict(rows)
     return rows

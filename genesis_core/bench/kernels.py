@@ -48,3 +48,21 @@ def _compare_kernels(chosen_fn: Callable[[], object], fastest_fn: Callable[[], o
         out["kernel_probe_error"] = f"torch.profiler recorded no {device.type} kernel for " + \
             " or ".join(w for w, k in (("the chosen backend", chosen), ("the fastest backend", fastest)) if not k)
     return out
+
+
+def same_as_baseline(baseline_fn: Callable[[], object], genesis_fn: Callable[[], object], device: torch.device,
+                     baseline_backend: Optional[str], served: Optional[str]) -> tuple:
+    """(same, why): whether a Genesis run served the very kernel its baseline runs. Where torch.profiler
+    records device kernels, the kernel sets of one call of each decide; elsewhere (CPU) the backend names do:
+    the baseline's (``"sdpa"`` for ``F.scaled_dot_product_attention``) against the one Genesis served.
+    None where neither can be known."""
+    kernels = _compare_kernels(genesis_fn, baseline_fn, device)
+    if kernels["same_kernel"] is True:
+        return True, "same device kernels"
+    if kernels["same_kernel"] is False:
+        return False, "different device kernels"
+    if baseline_backend and served:
+        if served == baseline_backend:
+            return True, f"same backend ({served})"
+        return False, f"different backend ({served}, baseline {baseline_backend})"
+    return None, kernels.get("kernel_probe_error") or "the baseline's kernel is not known"

@@ -1,17 +1,48 @@
-"""The bench's printed tables: attention rows and AUTO's summary, dispatch overhead, end to end."""
+"""The bench's printed report: every line at most ``WIDTH`` columns, every target with its verdict.
+
+Tables of the attention rows and AUTO's summary, dispatch overhead, end to end. A verdict line reads
+``PASS|FAIL|SKIP <what>: <detail> (target: ...)``; its continuation lines are indented by ``VERDICT_INDENT``.
+Where two timings run the same kernel, the report says so instead of printing their ratio.
+"""
 from __future__ import annotations
 
-from typing import List
+import textwrap
+from typing import List, Optional
 
-from .verdicts import OVERHEAD_TARGET_US
+from .verdicts import (CHOICE_TARGET_TEXT, E2E_TARGET_TEXT, OVERHEAD_TARGET_TEXT, WORDS, e2e_verdict,
+                       overhead_verdicts)
+
+WIDTH = 100
+VERDICT_INDENT = 7  # "  PASS " - a verdict's continuation lines start under its text
+
+
+def fit(line: str, indent: int = 6) -> str:
+    """``line`` wrapped to ``WIDTH`` columns; continuation lines indented by ``indent`` spaces."""
+    if len(line) <= WIDTH:
+        return line
+    return "\n".join(textwrap.wrap(line, width=WIDTH, subsequent_indent=" " * indent, break_long_words=True,
+                                   break_on_hyphens=False))
+
+
+def say(line: str = "", indent: int = 6) -> None:
+    print(fit(line, indent))
+
+
+def verdict(ok: Optional[bool], what: str, target: str) -> None:
+    """One verdict line: ``PASS`` / ``FAIL`` / ``SKIP`` (not judged), what was judged, and the target."""
+    say(f"  {WORDS[ok]} {what} (target: {target})", VERDICT_INDENT)
 
 
 def _fmt(x, spec: str, none: str = "-") -> str:
     return none if x is None else format(x, spec)
 
 
+def _pct(x: float) -> str:
+    return f"{(x - 1) * 100:+.1f}%"
+
+
 def print_attention(rows: List[dict], summary: List[dict]) -> None:
-    print(f"\n{'shape':<18} {'backend':<15} {'ms':>9} {'TFLOP/s':>8} {'rel err':>9}  status")
+    say(f"\n{'shape':<18} {'backend':<15} {'ms':>9} {'TFLOP/s':>8} {'rel err':>9}  status")
     last = None
     for r in rows:
         if r["shape"] != last and last is not None:
@@ -19,33 +50,58 @@ def print_attention(rows: List[dict], summary: List[dict]) -> None:
         last = r["shape"]
         status = r["status"] if r["status"] != "ok" else ("ok" if r["correct"] else "INACCURATE")
         note = f"  ({r['note']})" if r["note"] else ""
-        print(f"{r['shape']:<18} {r['backend']:<15} {_fmt(r['ms'], '9.3f'):>9} {_fmt(r['tflops'], '8.3g' if (r['tflops'] or 0) < 100 else '8.0f'):>8} "
-              f"{_fmt(r['rel_err'], '9.2e'):>9}  {status}{note}")
-    print("\nAUTO against the fastest correct backend measured in this run:")
+        tflops = _fmt(r['tflops'], '8.3g' if (r['tflops'] or 0) < 100 else '8.0f')
+        say(f"{r['shape']:<18} {r['backend']:<15} {_fmt(r['ms'], '9.3f'):>9} {tflops:>8} "
+            f"{_fmt(r['rel_err'], '9.2e'):>9}  {status}{note}", 19)
+    say("\nAUTO against the fastest correct backend measured in this run:")
     for s in summary:
-        ratio = s.get("auto_vs_fastest")
-        print(f"  {s['shape']:<18} fastest {s['fastest_correct'] or '-':<15} {_fmt(s['fastest_ms'], '.3f')} ms; "
-              f"auto -> {s['auto_backend'] or '-'} {_fmt(s['auto_ms'], '.3f')} ms"
-              + (f" ({(ratio - 1) * 100:+.1f}%" if ratio else "")
-              + (f"; chosen kernel alone {(s['choice_vs_fastest'] - 1) * 100:+.1f}%" if s.get("choice_vs_fastest") else "")
-              + (f"; Genesis over its kernel {(s['auto_over_kernel'] - 1) * 100:+.1f}%" if s.get("auto_over_kernel") else "")
-              + (")" if ratio else "")
-              + ("" if s["auto_correct"] in (None, True) else "  AUTO OUTPUT INACCURATE"))
+        say("  " + _summary_line(s))
         if s.get("choice_verdict"):
-            ok = {True: "OK", False: "NOT OK", None: "no verdict"}[s.get("choice_ok")]
-            print(f"  {'':<18} choice {ok}: {s['choice_verdict']}")
+            word = {True: "OK", False: "NOT OK", None: "not judged"}[s.get("choice_ok")]
+            verdict(s.get("choice_ok"), f"choice {word}: {s['choice_verdict']}", CHOICE_TARGET_TEXT)
+
+
+def _summary_line(s: dict) -> str:
+    best, chosen = s["fastest_correct"], s["auto_backend"]
+    head = f"{s['shape']}: fastest {best or '-'} {_fmt(s['fastest_ms'], '.3f')} ms; "
+    if chosen is None:
+        return head + "no AUTO row timed"
+    parts = []
+    if chosen == best:  # one kernel: the only difference left is Genesis' own cost, said below
+        head += f"AUTO {_fmt(s['auto_ms'], '.3f')} ms on the same backend as the fastest ({best})"
+    else:
+        ratio = s.get("auto_vs_fastest")
+        head += f"AUTO chose {chosen}: {_fmt(s['auto_ms'], '.3f')} ms" + (f" ({_pct(ratio)})" if ratio else "")
+        if s.get("same_kernel") is True:
+            parts.append(f"{chosen} launches the same device kernel as {best}")
+        elif s.get("choice_vs_fastest"):
+            parts.append(f"chosen kernel alone {_pct(s['choice_vs_fastest'])}")
+    if s.get("auto_over_kernel"):
+        parts.append(f"Genesis over its kernel {_pct(s['auto_over_kernel'])} (timed alternately)")
+    if s["auto_correct"] not in (None, True):
+        parts.append("AUTO OUTPUT INACCURATE")
+    return head + "".join(f"; {p}" for p in parts)
 
 
 def print_overhead(rows: List[dict]) -> None:
-    print(f"\nDispatch overhead (small tensors [1,1,8,64], already-seen signature; target <= {OVERHEAD_TARGET_US:g} us):")
+    say("\nDispatch overhead (small tensors [1,1,8,64], already-seen signature), us per call:")
     for r in rows:
-        print(f"  {r['device']:<6} {r['call']:<58} {r['us_per_call']:8.2f} us  ({r['overhead_us']:+.2f})")
+        say(f"  {r['device']:<6} {r['call']:<58} {r['us_per_call']:8.2f} us  ({r['overhead_us']:+.2f})")
+    for device, ok, over in overhead_verdicts(rows):
+        verdict(ok, f"dispatch overhead on {device}: {over:+.2f} us per call over the chosen kernel",
+                OVERHEAD_TARGET_TEXT)
 
 
 def print_e2e(rows: List[dict]) -> None:
     if not rows:
         return
-    print(f"\nEnd to end: {rows[0]['size']}, {rows[0]['dtype']} on {rows[0]['device']}")
-    for r in rows:
-        extra = f"  attention: {r['attention_backend']}, rel diff {r['rel_diff_vs_baseline']:.2e}" if r["attention_backend"] else ""
-        print(f"  {r['variant']:<68} {r['ms']:9.3f} ms  x{r['vs_baseline']:.3f}{extra}")
+    say(f"\nEnd to end: {rows[0]['size']}, {rows[0]['dtype']} on {rows[0]['device']}")
+    base, auto = rows[0], rows[1]
+    same = auto.get("same_as_baseline")
+    say(f"  {base['variant']:<68} {base['ms']:9.3f} ms  baseline")
+    say(f"  {auto['variant']:<68} {auto['ms']:9.3f} ms  " + ("same kernel" if same else f"x{auto['vs_baseline']:.3f}"))
+    say(f"      attention {auto['attention_backend']}" + (f", {auto['same_as_baseline_why']} as the baseline" if same else "")
+        + f"; rel diff {auto['rel_diff_vs_baseline']:.2e} from the baseline"
+        + (f"; {auto['genesis_calls']} Genesis calls" if auto.get("genesis_calls") is not None else ""))
+    ok, text = (auto["target_ok"], auto["verdict"]) if "verdict" in auto else e2e_verdict(rows)
+    verdict(ok, f"end to end: {text}", E2E_TARGET_TEXT)

@@ -39,3 +39,37 @@ def choice_verdict(summ: dict) -> tuple:
         if summ.get(key):
             parts.append(f"{key}: {summ[key]}")
     return False, "; ".join(parts)
+
+
+E2E_NOISE = 0.01  # end to end: Genesis AUTO not slower than the baseline, 1% timing noise allowed
+WORDS = {True: "PASS", False: "FAIL", None: "SKIP"}
+
+CHOICE_TARGET_TEXT = f"within {(CHOICE_TARGET - 1) * 100:+.1f}% of the fastest"
+OVERHEAD_TARGET_TEXT = f"<= {OVERHEAD_TARGET_US:g} us"
+E2E_TARGET_TEXT = f"not slower than the baseline, {E2E_NOISE * 100:g}% noise allowed"
+
+
+def overhead_verdicts(rows: list) -> list:
+    """One ``(device, ok, overhead_us)`` per device of the overhead rows: Genesis ``attention()`` with AUTO,
+    in µs per call over calling the chosen kernel directly, against ``OVERHEAD_TARGET_US``."""
+    out = []
+    for r in rows:
+        if r["call"].startswith("genesis_core.attention(q, k, v)"):
+            out.append((r["device"], r["overhead_us"] <= OVERHEAD_TARGET_US, r["overhead_us"]))
+    return out
+
+
+def e2e_verdict(rows: list) -> tuple:
+    """(target_ok, text) for an end-to-end pair [baseline, Genesis AUTO]: OK when AUTO is not slower than the
+    baseline beyond ``E2E_NOISE``. Where AUTO ran the baseline's own kernel (``same_as_baseline``), the text
+    says so and gives no speed ratio: the two differ only by Genesis' dispatch and timing noise."""
+    base, auto = rows[0], rows[1]
+    ratio = auto["ms"] / base["ms"]
+    ok = ratio <= 1.0 + E2E_NOISE
+    if auto.get("same_as_baseline"):
+        why = auto.get("same_as_baseline_why") or "the same kernel"
+        if ok:
+            return ok, f"AUTO runs the baseline's own kernel, {why}: no speed ratio, same time within noise"
+        return ok, (f"AUTO runs the baseline's own kernel, {why}, yet took {auto['ms'] - base['ms']:.3f} ms "
+                    f"more per forward: host-side cost or noise")
+    return ok, f"AUTO x{ratio:.3f} of the baseline (attention {auto.get('attention_backend')})"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import textwrap
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -80,13 +81,20 @@ def _paired_ms(fa: Callable[[], Any], fb: Callable[[], Any], reps: int, warmup: 
     return statistics.median(ta), statistics.median(tb)
 
 
-def _row(name: str, backend: str, ms: float, baseline_ms: Optional[float] = None, baseline: str = "",
-         **extra: Any) -> Dict[str, Any]:
-    row: Dict[str, Any] = {"section": "executor", "name": name, "backend": backend, "ms": round(ms, 4)}
+def _row(name: str, backend: str, ms: Optional[float], baseline_ms: Optional[float] = None, baseline: str = "",
+         overhead: bool = False, **extra: Any) -> Dict[str, Any]:
+    """One row. ``ms=None``: not measured (``note`` says why). ``overhead=True``: the row measures what the
+    executor adds to ``baseline`` - it gets ``overhead_us`` and no ``speedup`` (a ratio of a tiny op's times
+    says nothing); other comparisons get ``speedup`` = baseline_ms / ms (>1: faster than the baseline)."""
+    row: Dict[str, Any] = {"section": "executor", "name": name, "backend": backend,
+                           "ms": None if ms is None else round(ms, 4)}
     if baseline_ms is not None:
         row["baseline"] = baseline
         row["baseline_ms"] = round(baseline_ms, 4)
-        row["speedup"] = round(baseline_ms / ms, 3) if ms > 0 else None
+        if overhead:
+            row["overhead_us"] = round((ms - baseline_ms) * 1e3, 2)
+        elif ms is not None:
+            row["speedup"] = round(baseline_ms / ms, 3) if ms > 0 else None
     row.update(extra)
     return row
 
@@ -94,9 +102,10 @@ def _row(name: str, backend: str, ms: float, baseline_ms: Optional[float] = None
 def run_executor_bench(quick: bool = False, print_table: bool = True) -> List[Dict[str, Any]]:
     """Run the executor benchmarks; return one dict per row (and print a table unless ``print_table=False``).
 
-    Row keys: ``section`` ("executor"), ``name``, ``backend``, ``ms`` (median per call), and where a
-    comparison applies ``baseline``, ``baseline_ms``, ``speedup`` (baseline_ms / ms; >1 = faster than the
-    baseline) plus extras such as ``overhead_us``, ``max_abs_diff``, ``export_s``, ``rows``.
+    Row keys: ``section`` ("executor"), ``name``, ``backend``, ``ms`` (median per call; None when not
+    measured, with the reason in ``note``), and where a comparison applies ``baseline``, ``baseline_ms`` and
+    either ``overhead_us`` (the executor's per-call overhead rows) or ``speedup`` (baseline_ms / ms; >1 =
+    faster than the baseline), plus extras such as ``max_abs_diff``, ``export_s``, ``rows``.
     """
     torch.manual_seed(0)
     reps = 20 if quick else 100
@@ -111,7 +120,7 @@ def run_executor_bench(quick: bool = False, print_table: bool = True) -> List[Di
     direct, via = _paired_ms(lambda: fn(tiny), lambda: ex.execute_on_backend(ComputeBackend.CPU, fn, tiny),
                              reps * 10)
     rows.append(_row("execute_on_backend overhead (x*2+1, 16 floats)", "cpu", via, direct, "fn(x) direct",
-                     overhead_us=round((via - direct) * 1e3, 2)))
+                     overhead=True))
     small = nn.Linear(16, 16)
     holder = type("Holder", (), {})()
     holder.model = small
@@ -123,7 +132,7 @@ def run_executor_bench(quick: bool = False, print_table: bool = True) -> List[Di
         direct, via = _paired_ms(lambda: closure(tiny),
                                  lambda: ex.execute_on_backend(ComputeBackend.CPU, closure, tiny), reps * 10)
     rows.append(_row("execute_on_backend overhead (closure over Linear 16)", "cpu", via, direct, "fn(x) direct",
-                     overhead_us=round((via - direct) * 1e3, 2)))
+                     overhead=True))
 
     # 2. ONNX Runtime CPU vs PyTorch CPU, cross-attention
     model = BenchCrossAttention().eval()
@@ -150,14 +159,14 @@ def run_executor_bench(quick: bool = False, print_table: bool = True) -> List[Di
     else:
         with torch.no_grad():
             torch_ms = _median_ms(lambda: model(x, ctx), reps)
-        rows.append(_row("cross-attn [2,256,512]x[2,77,768] h8", "onnx", float("nan"), torch_ms, "torch cpu",
-                         note=found[ComputeBackend.ONNX].reason))
+        rows.append(_row("cross-attn [2,256,512]x[2,77,768] h8", "onnx", None, torch_ms, "torch cpu",
+                         note="skipped: " + (found[ComputeBackend.ONNX].reason or "ONNX Runtime not found")))
 
     # 3. CUDA: alone, CPU alone, split CPU+CUDA
     if found[ComputeBackend.CUDA].available or found[ComputeBackend.ROCM].available:
         rows.extend(_gpu_rows(ex, model, quick, found))
     else:
-        rows.append(_row("split cpu+cuda", "-", float("nan"), note="skipped: " +
+        rows.append(_row("split cpu+cuda", "-", None, note="skipped: " +
                          (found[ComputeBackend.CUDA].reason or "no CUDA")))
     if print_table:
         print_rows(rows)
@@ -206,21 +215,44 @@ def _gpu_rows(ex: HeterogeneousExecutor, model: BenchCrossAttention, quick: bool
             rows.append(_row(f"{tag}, ONNX Runtime CUDA EP", "onnx-cuda", ms, gpu_ms, f"torch {gpu.value}",
                              max_abs_diff=float(f"{(got.cpu() - ref).abs().max().item():.3g}")))
         except Exception as exc:  # report, do not crash the whole bench
-            rows.append(_row(f"{tag}, ONNX Runtime CUDA EP", "onnx-cuda", float("nan"),
-                             note=f"{type(exc).__name__}: {str(exc)[:120]}"))
+            rows.append(_row(f"{tag}, ONNX Runtime CUDA EP", "onnx-cuda", None,
+                             note=f"failed: {type(exc).__name__}: {str(exc)[:120]}"))
     return rows
 
 
-def print_rows(rows: List[Dict[str, Any]]) -> None:
-    """Print rows as a fixed-width table."""
-    print(f"{'executor benchmark':58} {'backend':>16} {'ms':>10} {'baseline ms':>12} {'speedup':>8}  notes")
+def print_rows(rows: List[Dict[str, Any]], width: int = 100) -> None:
+    """Print rows in at most ``width`` columns: a row's name, backend and time, then an indented line with what
+    it is compared with (the executor's overhead in µs, or the speed against the baseline) and its other
+    details; a row that was not measured says why instead."""
+    print(f"  {'row':<56} {'backend':<16} {'ms':>10}")
     for r in rows:
-        base = r.get("baseline_ms")
-        notes = ", ".join(f"{k}={v}" for k, v in r.items()
-                          if k not in ("section", "name", "backend", "ms", "baseline_ms", "speedup"))
-        print(f"{r['name'][:58]:58} {r['backend'][:16]:>16} {r['ms']:>10.4g} "
-              f"{(f'{base:.4g}' if base is not None else '-'):>12} "
-              f"{(str(r['speedup']) if r.get('speedup') is not None else '-'):>8}  {notes}")
+        ms = r.get("ms")
+        print(_fit(f"  {r['name'][:56]:<56} {r['backend'][:16]:<16} {_ms(ms):>10}", width))
+        if ms is None:
+            detail = [r.get("note") or "not measured"]
+        elif "overhead_us" in r:
+            detail = [f"{r['overhead_us']:+.2f} us per call over {r['baseline']} ({_ms(r['baseline_ms'])} ms)"]
+        elif r.get("speedup") is not None:
+            detail = [f"x{r['speedup']:.3g} the speed of {r['baseline']} ({_ms(r['baseline_ms'])} ms)"]
+        else:
+            detail = []
+        detail += [f"{k}={v}" for k, v in r.items() if k not in _SHOWN]
+        if detail:
+            print(_fit("      " + "; ".join(detail), width))
+
+
+def _ms(ms: Optional[float]) -> str:
+    return "-" if ms is None else f"{ms:.4g}"
+
+
+_SHOWN = ("section", "name", "backend", "ms", "baseline", "baseline_ms", "speedup", "overhead_us", "note")
+
+
+def _fit(line: str, width: int) -> str:
+    if len(line) <= width:
+        return line
+    return "\n".join(textwrap.wrap(line, width=width, subsequent_indent=" " * 6, break_long_words=True,
+                                   break_on_hyphens=False))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
