@@ -130,6 +130,10 @@ class LocalProcessGroup:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def put(self, obj: Any) -> Any:
+        """What :meth:`run` should pass for ``obj`` (the object itself; Ray's pool stores it once instead)."""
+        return obj
+
     @property
     def pids(self) -> List[Optional[int]]:
         return [p.pid for p in self._procs]

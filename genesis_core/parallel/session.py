@@ -1,0 +1,131 @@
+"""A multi-GPU session: workers joined in one process group, a model kept on each, calls split by CFG branch.
+
+The workers are a :class:`~genesis_core.parallel.ray_workers.RayWorkerPool` (ComfyUI, clusters) or a
+:class:`~genesis_core.parallel.launch.LocalProcessGroup` (tests, benchmarks); both run ``fn(ctx, *args)`` on
+every rank and return the results in rank order. The ranks form a ``cfg x ring x ulysses`` mesh
+(:mod:`.mesh`): CFG branch ``c`` is ranks ``[c*S, (c+1)*S)`` with ``S = ulysses * ring``.
+
+:meth:`ParallelSession.load` sends a model *once* (a builder function and its payload; the workers build it and
+keep it); :meth:`ParallelSession.call` then sends only the call's inputs (latents, timestep, conditioning) to the
+ranks of each branch and returns the joined result, exactly as one process calling the model would.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .._log import log_once
+from .cfg import join_chunks, split_call
+from .mesh import build_mesh
+
+__all__ = ["ParallelSession"]
+
+_keys = itertools.count(1)
+
+
+# ---------------------------------------------------------------- run on every worker
+
+
+def _setup(ctx, cfg: int, ulysses: int, ring: int, env: Dict[str, str]):
+    import os
+
+    os.environ.update(env or {})
+    meshes = ctx.cache.setdefault("meshes", {})  # a pool may serve sessions of several shapes, one at a time
+    if (cfg, ulysses, ring) not in meshes:
+        meshes[(cfg, ulysses, ring)] = build_mesh(cfg=cfg, ulysses=ulysses, ring=ring)
+    m = ctx.cache["mesh"] = meshes[(cfg, ulysses, ring)]
+    return {"rank": m.rank, "cfg_index": m.cfg_index, "shard": m.shard_index, "device": str(ctx.device)}
+
+
+def _load(ctx, key: int, builder: Callable, payload: Any, options: Dict[str, Any]):
+    models = ctx.cache.setdefault("models", {})
+    models.clear()  # one model per worker: the previous one's memory goes first
+    models[key] = builder(ctx, ctx.cache["mesh"], payload, options)
+    return True
+
+
+def _step(ctx, key: int, inputs: Optional[Dict[str, Any]]):
+    if inputs is None:
+        return None
+    runner = ctx.cache.get("models", {}).get(key)
+    if runner is None:
+        raise RuntimeError(f"this worker holds no model {key}; load() must run before call()")
+    out = runner(inputs)
+    return out if ctx.cache["mesh"].shard_index == 0 else None
+
+
+def _unload(ctx):
+    ctx.cache.pop("models", None)
+    return True
+
+
+# ---------------------------------------------------------------- the session
+
+
+class ParallelSession:
+    """Workers + mesh + one loaded model (see the module docstring).
+
+    Args:
+        pool: a RayWorkerPool or LocalProcessGroup with ``cfg * ulysses * ring`` ranks.
+        cfg: 1 or 2 CFG branches. ulysses, ring: the sequence mesh of each branch.
+        env: environment variables set in every worker before the mesh is built.
+    """
+
+    def __init__(self, pool, cfg: int = 1, ulysses: int = 1, ring: int = 1, env: Optional[Dict[str, str]] = None):
+        if cfg not in (1, 2):
+            raise ValueError(f"cfg must be 1 or 2 branches; got {cfg!r}")
+        world = cfg * ulysses * ring
+        if pool.world_size != world:
+            raise ValueError(f"the pool has {pool.world_size} workers but cfg * ulysses * ring = {cfg} * {ulysses} * "
+                             f"{ring} = {world}")
+        self.pool, self.cfg, self.ulysses, self.ring = pool, cfg, ulysses, ring
+        self.sequence = ulysses * ring
+        self.placement = pool.run(_setup, cfg, ulysses, ring, dict(env or {}))
+        self.key: Optional[int] = None
+        self.calls = 0
+
+    def load(self, builder: Callable, payload: Any, options: Optional[Dict[str, Any]] = None) -> int:
+        """Build the model on every worker: ``builder(ctx, mesh, payload, options) -> runner``; sent once."""
+        key = next(_keys)
+        ref = self.pool.put(payload)
+        self.pool.run(_load, key, builder, ref, dict(options or {}))
+        self.key = key
+        return key
+
+    def call(self, x: torch.Tensor, timestep: torch.Tensor, conds: Dict[str, Any],
+             cond_or_uncond: Optional[Sequence[int]] = None, extras: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+        """One model call: ``runner({"x", "timestep", "conds", "extras"})`` on the workers, joined as one process would.
+
+        With two CFG branches the chunks labelled by ``cond_or_uncond`` are split between them; a call with one
+        kind of chunk (CFG = 1) runs on branch 0 and says why once.
+        """
+        if self.key is None:
+            raise RuntimeError("ParallelSession.call before load(): no model on the workers")
+        n_chunks = len(cond_or_uncond) if cond_or_uncond else 1
+        labels = list(cond_or_uncond) if cond_or_uncond else [0]
+        if self.cfg == 2:
+            parts, reason = split_call(x, timestep, conds, labels, 2)
+            if reason:
+                log_once(("cfg-nothing-to-split", tuple(labels)), f"mode cfg: {reason}; it runs on the first "
+                         f"{self.sequence} GPU(s) only")
+        else:
+            parts = [(list(range(n_chunks)), x, timestep, conds)]
+        refs = [self.pool.put({"x": px, "timestep": pt, "conds": pc, "extras": dict(extras or {})})
+                for _, px, pt, pc in parts]
+        per_rank = []
+        for rank in range(self.pool.world_size):
+            branch = rank // self.sequence
+            per_rank.append((refs[branch] if branch < len(refs) else None,))
+        results = self.pool.run(_step, self.key, per_rank=per_rank)
+        outs: List[torch.Tensor] = [results[b * self.sequence] for b in range(len(parts))]
+        self.calls += 1
+        out = outs[0] if len(parts) == 1 else join_chunks(outs, [p[0] for p in parts], n_chunks)
+        return out.to(x.device) if isinstance(out, torch.Tensor) else out
+
+    def unload(self) -> None:
+        """Free the model on every worker (the workers stay)."""
+        if self.key is not None and not getattr(self.pool, "closed", False):
+            self.pool.run(_unload)
+        self.key = None
