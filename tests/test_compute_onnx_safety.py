@@ -149,6 +149,33 @@ def test_shape_and_weight_dependent_python_values_still_export(ex):
     assert ex.stats()["onnx"]["exports"] == 3
 
 
+def _library_style_gate(x):
+    """A function written the way torch's own Python functions are: it dispatches through __torch_function__,
+    so its body runs where a TorchFunctionMode no longer sees the calls it makes."""
+    if torch.overrides.has_torch_function_unary(x):
+        return torch.overrides.handle_torch_function(_library_style_gate, (x,), x)
+    return x * 2 if x.sum() > 0 else x * 0
+
+
+def test_data_dependent_branch_inside_a_library_function_is_refused(ex):
+    with pytest.raises(OnnxExportError, match=r"(?s)<lambda>.*inside _library_style_gate\(\).*torch\.where"):
+        ex.execute_on_backend("onnx", lambda t: _library_style_gate(t) + 1, _positive(6))
+
+
+def test_library_code_with_shape_checks_is_followed_not_refused(ex, genesis_log):
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    fn = lambda q, kv: mha(q, kv, kv)  # noqa: E731 - F.multi_head_attention_forward checks shapes in Python
+    with torch.no_grad():
+        for _ in range(2):
+            q, kv = torch.randn(2, 7, 16), torch.randn(2, 5, 16)
+            out, weights = ex.execute_on_backend("onnx", fn, q, kv)
+            ref_out, ref_weights = fn(q, kv)
+            torch.testing.assert_close(out, ref_out)
+            torch.testing.assert_close(weights, ref_weights)
+    assert ex.stats()["onnx"]["exports"] == 1
+    assert not [m for m in genesis_log if "Python value" in m or "baked" in m], genesis_log
+
+
 def test_data_dependent_output_size_runs_on_inputs_with_other_counts(ex):
     fn = lambda a: (a[a > 0] * 3, a.sum())  # noqa: E731
     for _ in range(3):

@@ -43,7 +43,8 @@ so the in-memory key fingerprints them (identity, version counter, data pointer,
 changed in place or an attribute re-pointed to a new tensor gives a new export rather than stale numbers.
 Simple constants among the globals fn's code reads (``S = 2``; also through same-module helper functions)
 are in the key by value. What the walk cannot key (too deep, tensors without a storage pointer) is logged
-once as baked in.
+once as baked in. Non-tensor attributes of captured objects (``self.mode = "fast"``) are not in the in-memory
+key: after changing one, call ``runner.clear()`` (a disk hit is re-checked against fn, which catches them).
 
 I/O. Inputs are bound by pointer (``IOBinding``) from contiguous torch tensors on the runner's device, and
 outputs are written straight into preallocated torch tensors (their shapes are known from the trace), so
@@ -85,7 +86,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .._log import log_once, logger
+from .._log import first_line, log_once, logger
 from ._tree import Slot, flatten, unflatten
 from .placement import ReplicaCache, ReplicaMode, callable_key, reach, tensor_fingerprint, weights_fingerprint
 
@@ -883,8 +884,13 @@ class OnnxRunner:
             out_template_json = _json_template(wrapper.out_template)
         except TypeError:
             out_template_json = None
-        compiled = self._compile(self._session(model_bytes), len(flat), out_template_json, wrapper.out_meta,
-                                 "export", raw_template=wrapper.out_template)
+        try:
+            session = self._session(model_bytes)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own error types
+            raise OnnxExportError(f"ONNX Runtime cannot load the graph exported from {name_of(fn)} "
+                                  f"({first_line(exc, 300)}); run {name_of(fn)} on the cpu backend") from exc
+        compiled = self._compile(session, len(flat), out_template_json, wrapper.out_meta, "export",
+                                 raw_template=wrapper.out_template)
         outs = self._run_session(compiled, flat)  # the first call's result, and the check of the new graph
         problem = _difference(outs, reference, values=not random_ops)
         if problem is not None:
