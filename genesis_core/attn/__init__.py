@@ -13,7 +13,6 @@ from . import autotune, compile as _compile, dispatch
 from .dispatch import (
     attention,
     backend_name,
-    backends_report,
     clear_plans,
     explain,
     get_default_backend,
@@ -24,6 +23,7 @@ from .dispatch import (
     use_backend,
 )
 from .quality import LEVELS as QUALITY_LEVELS
+from .registry import report as backends_report
 from .types import AttentionCall, AttentionType
 
 dispatch.refresh_names()

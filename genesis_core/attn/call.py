@@ -2,6 +2,7 @@
 
 Public functions used by dispatch and the autotuner alike:
 
+* :func:`backend_name` — a backend argument (AttentionType or name, any case, a few aliases) as a registry name;
 * :func:`normalise_layout` — ``"BHND"`` / ``"BNHD"``, case-insensitive;
 * :func:`validate` — every argument checked, with an error that names it, says what was expected and what
   came (and, where the shapes say the layout is swapped or a mask is a [B, Nk] key-padding mask, says so);
@@ -15,7 +16,25 @@ from typing import Optional, Tuple
 
 import torch
 
-from .types import LAYOUTS, AttentionCall, mask_4d_shape
+from . import registry
+from .types import LAYOUTS, AttentionCall, AttentionType, mask_4d_shape
+
+_ALIASES = {"flash_attention": "flash", "sage_attention": "sage", "math": "pytorch", "torch": "pytorch",
+            "default": "auto"}
+
+
+def backend_name(backend) -> str:
+    """Normalise an AttentionType or string to a registry name (``"auto"`` included)."""
+    if isinstance(backend, AttentionType):
+        return backend.value
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be an AttentionType or a string; got {type(backend).__name__}")
+    name = backend.strip().lower()
+    name = _ALIASES.get(name, name)
+    if name != "auto" and name not in registry.names():
+        valid = ", ".join(["auto"] + registry.names())
+        raise ValueError(f"unknown attention backend {backend!r}; valid: {valid}")
+    return name
 
 
 def normalise_layout(layout) -> str:

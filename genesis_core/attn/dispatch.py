@@ -29,20 +29,13 @@ from .._log import first_line, log_once
 from . import quality as _quality
 from . import registry
 from ._trace import is_compiling
-from .call import check_scale, make_call, normalise_layout, validate
+from .call import backend_name, check_scale, make_call, normalise_layout, validate
 from .types import AttentionCall, AttentionType
 
 BackendArg = Union[AttentionType, str]
 
 FALLBACK_TAIL = registry.FALLBACK_TAIL
 DEFAULT_AUTO_ORDER = registry.AUTO_ORDER
-_ALIASES = {
-    "flash_attention": "flash",
-    "sage_attention": "sage",
-    "math": "pytorch",
-    "torch": "pytorch",
-    "default": "auto",
-}
 _MAX_PLANS = 4096
 
 _plans: Dict[tuple, "_Plan"] = {}
@@ -51,8 +44,7 @@ _served: Dict[str, str] = {}
 
 
 class _ThreadState(threading.local):
-    # Class-level defaults: reading an unset attribute finds these instead of raising (much faster
-    # than getattr(local, name, None) on the per-call path).
+    # Class-level defaults: an unset attribute reads these (faster than getattr(local, name, None)).
     override: Optional[str] = None
     last: Optional[str] = None
 
@@ -88,20 +80,6 @@ class _Plan:
 # ---------------------------------------------------------------- names, defaults, seams
 
 
-def backend_name(backend: BackendArg) -> str:
-    """Normalise an AttentionType or string to a registry name (``"auto"`` included)."""
-    if isinstance(backend, AttentionType):
-        return backend.value
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be an AttentionType or a string; got {type(backend).__name__}")
-    name = backend.strip().lower()
-    name = _ALIASES.get(name, name)
-    if name != "auto" and name not in registry.names():
-        valid = ", ".join(["auto"] + registry.names())
-        raise ValueError(f"unknown attention backend {backend!r}; valid: {valid}")
-    return name
-
-
 def set_default_backend(backend: BackendArg) -> None:
     """Set the process-wide backend used when a call asks for ``auto`` and no ``use_backend`` is active."""
     global _default_backend
@@ -110,6 +88,7 @@ def set_default_backend(backend: BackendArg) -> None:
 
 
 def get_default_backend() -> str:
+    """The process-wide backend ``auto`` calls use (see :func:`set_default_backend`)."""
     return _default_backend
 
 
@@ -421,8 +400,3 @@ def explain(
     level = effective_quality(name, quality)
     _, reasons = _resolve(name, call, level, measure=False)
     return [{"name": n, "reason": r, "quality": level} for n, r in reasons]
-
-
-def backends_report() -> List[dict]:
-    """Every registered backend: name, available, reason, version, kernel, precision, limits."""
-    return registry.report()

@@ -1,0 +1,1 @@
+"""Worked examples of the public interfaces (``python -m genesis.examples.interfaces_demo``)."""

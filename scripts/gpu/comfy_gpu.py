@@ -128,7 +128,8 @@ def main() -> int:
     pack = load_pack()
     switch_cls = pack.NODE_CLASS_MAPPINGS["GenesisAttentionSwitch"]
     dispatch = importlib.import_module(pack.__name__ + ".genesis_core.attn.dispatch")
-    report = {r["name"]: r for r in dispatch.backends_report()}
+    registry = importlib.import_module(pack.__name__ + ".genesis_core.attn.registry")
+    report = {r["name"]: r for r in registry.report()}
     size = opts.size or (64 if opts.device == "cuda" else 16)
     dtypes = [torch.float16, torch.bfloat16] if opts.device == "cuda" else [torch.float32]
     gpu = torch.cuda.get_device_name(0) if opts.device == "cuda" else "cpu"
