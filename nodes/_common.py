@@ -110,3 +110,19 @@ def run_on_backend(choice: Optional[BackendChoice], fn: Callable[..., Any], *ten
 def tooltip(text: str, **options: Any) -> Dict[str, Any]:
     """Input options with a tooltip (every Genesis input has one)."""
     return dict(options, tooltip=text)
+
+
+def install_progress() -> None:
+    """Make the engine's long work (the autotuner measuring a new call shape) show ComfyUI's progress bar.
+
+    The engine never imports ComfyUI; it calls the factory installed here. Outside a ComfyUI process the
+    import fails when a bar is asked for, and the engine carries on without one.
+    """
+    from ..genesis_core import progress
+
+    def comfy_bar(total: int):
+        import comfy.utils  # ComfyUI's own module, present when ComfyUI runs this pack
+
+        return comfy.utils.ProgressBar(total)
+
+    progress.set_factory(comfy_bar)

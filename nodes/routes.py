@@ -1,8 +1,11 @@
-"""Server routes: ``GET /genesis/backends`` (read-only), registered only inside a running ComfyUI server.
+"""Server routes (read-only), registered only inside a running ComfyUI server.
 
-The payload lists the attention backends and compute backends, each available or the reason it is not,
-their versions, which backend serves each node choice, and the autotuner's measured timings when there
-are some. No request parameter is read: nothing from a user reaches the filesystem or a shell.
+``GET /genesis/backends``: the attention and compute backends, each available or the reason it is not, their
+versions, which backend serves each node choice, and a *summary* of the autotuner's measurements (how many
+signatures, the newest few with their choice), so the answer stays small however large the cache grows.
+``GET /genesis/autotune?signature=<sig>``: the full measurement of one signature (or, without the parameter,
+the list of known signatures). The only request parameter read is used as a dictionary key: nothing from a
+user reaches the filesystem or a shell.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from typing import Any, Dict, List, Optional
 from ..genesis_core._log import logger
 
 ROUTE = "/genesis/backends"
+DETAIL_ROUTE = "/genesis/autotune"
+SUMMARY_LIMIT = 50
 _registered = False
 
 
@@ -53,20 +58,26 @@ def _compute_rows() -> List[Dict[str, Any]]:
 
 
 def _autotune() -> Optional[Dict[str, Any]]:
-    """Measured timings from the autotuner, when it exists and has any."""
+    """A bounded summary of the autotuner's measurements, or None when there are none."""
     try:
         from ..genesis_core.attn import autotune
-    except ImportError:
-        return None
-    for name in ("timings",):
-        fn = getattr(autotune, name, None)
-        if callable(fn):
-            try:
-                data = fn()
-            except Exception as exc:  # the route must answer even if the cache is odd
-                return {"error": f"{type(exc).__name__}: {exc}"}
-            return data or None
-    return None
+
+        data = autotune.summary(limit=SUMMARY_LIMIT)
+    except Exception as exc:  # the route must answer even if the cache is odd
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return data if data.get("signatures") else None
+
+
+def autotune_detail(signature: Optional[str]) -> Dict[str, Any]:
+    """What ``GET /genesis/autotune`` returns: one signature's entry, or the known signatures' names."""
+    from ..genesis_core.attn import autotune
+
+    if not signature:
+        return {"signatures": sorted(autotune.timings())}
+    entry = autotune.lookup(signature)
+    if entry is None:
+        return {"error": f"no measurement for signature {signature[:200]!r}"}
+    return {"signature": signature, "entry": entry}
 
 
 def _choice_of(backend: str) -> str:
@@ -75,10 +86,13 @@ def _choice_of(backend: str) -> str:
 
 
 def fastest_choice(timings: Any) -> Optional[str]:
-    """The node choice that won the most measured call signatures (autotuner ``timings()`` format:
-    ``{signature: {backend: ms, ..., "chosen": name, "rejected": {...}}}``), or None without data."""
+    """The node choice that won the most measured call signatures, or None without data. Takes the autotuner's
+    ``timings()`` format (``{signature: {backend: ms, ..., "chosen": name, "rejected": {...}}}``) or its
+    ``summary()`` (``{"entries": [{"chosen": name, ...}, ...]}``)."""
     if not isinstance(timings, dict):
         return None
+    if isinstance(timings.get("entries"), list):
+        timings = {str(i): e for i, e in enumerate(timings["entries"])}
     wins: Dict[str, int] = {}
     for entry in timings.values():
         if not isinstance(entry, dict):
@@ -127,6 +141,14 @@ def register() -> bool:
         import asyncio
 
         payload = await asyncio.get_running_loop().run_in_executor(None, backends_payload)
+        return web.json_response(payload, dumps=_dumps)
+
+    @routes.get(DETAIL_ROUTE)
+    async def genesis_autotune(request):
+        import asyncio
+
+        sig = request.query.get("signature")
+        payload = await asyncio.get_running_loop().run_in_executor(None, autotune_detail, sig)
         return web.json_response(payload, dumps=_dumps)
 
     _registered = True

@@ -58,3 +58,26 @@ def test_register_adds_the_route_to_a_prompt_server(monkeypatch):
     monkeypatch.setattr(routes, "_registered", False)
     assert routes.register() is True
     assert "/genesis/backends" in added
+
+
+def test_payload_stays_small_however_many_signatures_are_cached(monkeypatch, tmp_path):
+    """The route sends a bounded summary (it answered 13 MB bodies for a 200 MB cache before); details on request."""
+    monkeypatch.setenv("GENESIS_CACHE_DIR", str(tmp_path))
+    store = importlib.import_module(pack.__name__ + ".genesis_core.attn.autotune.store")
+    store.reload()
+    n = 3000
+    entries = {f"cpu float32 BH{i} Nq64 Nk64 D64 mask=none BHND": {
+        "chosen": "sdpa", "ms": {"sdpa": 1.0 + i * 1e-4, "pytorch": 2.0}, "rejected": {"sage": "x" * 200},
+        "when": f"2026-12-01T00:{i // 60 % 60:02d}:{i % 60:02d}Z"} for i in range(n)}
+    monkeypatch.setattr(store, "_entries", dict(entries))
+    monkeypatch.setattr(store, "_loaded", {"cpu", "accel"})
+    data = routes.backends_payload()
+    body = json.dumps(data, default=str)
+    assert data["autotune"]["signatures"] == n and data["autotune"]["shown"] == routes.SUMMARY_LIMIT
+    assert len(body) < 64 * 1024, len(body)
+    assert data["fastest"] == "sdpa"
+    sig = next(iter(entries))
+    detail = routes.autotune_detail(sig)
+    assert detail["entry"]["ms"] == entries[sig]["ms"]
+    assert "no measurement" in routes.autotune_detail("nope")["error"]
+    assert len(routes.autotune_detail(None)["signatures"]) == n
