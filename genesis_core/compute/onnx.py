@@ -23,8 +23,11 @@ What a served graph is guaranteed to be (each point is checked, not assumed):
   names the function and the line and says what to write instead (``torch.where``, tensor arithmetic) or to
   use the cpu backend. Python values derived from shapes, weights or other keyed state are exact for the
   cached key and stay allowed (``if x.shape[0] > 3``, ``head_dim ** -0.5``, ``if self.gate.item() > 0``).
-  Conversions inside library code the guard cannot follow are logged once as a warning. (The dynamo exporter
-  refuses data-dependent branches itself, through ``torch.export``.)
+  Library functions written in Python (``F.multi_head_attention_forward``, ...), whose inner torch calls a
+  ``TorchFunctionMode`` does not see, are followed op by op with a ``TorchDispatchMode`` (:class:`_Nested`).
+  Not seen: values a C++ kernel reads from the data by itself (``F.one_hot`` without ``num_classes``); the
+  check below catches them on the export inputs only. (The dynamo exporter refuses data-dependent branches
+  itself, through ``torch.export``.)
 * **The caller's tensors are not touched by the export.** The trace runs on copies of the inputs. A function
   that modifies its inputs in place gets the eager result; the caller's tensors stay unchanged (logged once:
   an ONNX graph cannot write into its inputs). Captured tensors modified in place during the export's single
@@ -58,7 +61,8 @@ weights and of every other reachable tensor, simple captured constants (closure 
 arguments, globals the code reads), the input signature, opset, exporter and torch version. A cached entry
 is used only when the sidecar parses, names this key, and the file's hash matches; then, once per process
 (per session), the graph is run on the call's inputs and compared with one eager run of the current ``fn`` on
-copies of them, which catches state the key cannot see (non-tensor attributes of captured objects). Any
+CPU copies of them (that run is the price of a disk hit), which catches state the key cannot see (non-tensor
+attributes of captured objects) and a foreign file that came with its own sidecar. Any
 failure is logged and the entry is rebuilt and rewritten, so the next process gets a good hit. Files are
 written atomically (temporary file + rename), and the temporary file is removed when writing fails.
 """
