@@ -7,10 +7,12 @@ from typing import Dict, List
 import torch
 
 from . import __version__
-from .attn import AttentionType, backends_report
+from .attn import QUALITY_LEVELS, AttentionType, backends_report
 from .attn.backends._common import package_version
 
-_PACKAGES = ("torch", "flash-attn", "sageattention", "xformers", "onnxruntime", "onnx", "wgpu")
+_PACKAGES = ("torch", "triton", "flash-attn", "flash_attn_3", "fa3-fwd", "flash-attn-4", "nvidia-cutlass-dsl",
+             "sageattention", "xformers", "nvidia-cudnn-frontend", "onnxruntime", "onnx", "wgpu", "ray")
+WIDTH = 100
 
 
 def _versions() -> Dict[str, str]:
@@ -57,27 +59,39 @@ def get_interface_info() -> dict:
             "types": [t.value for t in AttentionType],
             "available": [t.value for t in AttentionType
                           if t is AttentionType.AUTO or any(r["name"] == t.value and r["available"] for r in rows)],
-            "backends": {r["name"]: {k: r[k] for k in ("available", "reason", "version", "kernel")} for r in rows},
+            "backends": {r["name"]: {k: r.get(k) for k in ("available", "reason", "version", "kernel", "precision",
+                                                           "first_call_s")} for r in rows},
+            "quality_levels": list(QUALITY_LEVELS),
         },
         "versions": _versions(),
     }
 
 
 def backends_table() -> List[List[str]]:
-    rows = [["backend", "status", "version", "kernel"]]
+    """[name, status, precision class, version, kernel or reason] per attention backend (header first)."""
+    rows = [["backend", "status", "class", "version", "kernel (or why not)"]]
     for r in backends_report():
-        rows.append([r["name"], "available" if r["available"] else f"unavailable: {r['reason']}",
-                     r["version"] or "-", r["kernel"]])
+        first = f"; first call of a new shape compiles ({r['first_call_s']:.1f} s seen)" if r.get("first_call_s") else ""
+        rows.append([r["name"], "runs" if r["available"] else "no", r.get("precision") or "-", r["version"] or "-",
+                     (r["kernel"] + first) if r["available"] else r["reason"]])
     return rows
 
 
 def print_backends_table() -> None:
+    """The backends table, wrapped to 100 columns: which backends really run here, and why the others do not."""
+    import textwrap
+
     rows = backends_table()
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    indent = sum(widths) + 8
     for i, r in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
+        head = "  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  "
+        text = textwrap.wrap(r[4], width=max(WIDTH - indent, 30)) or [""]
+        print(head + text[0])
+        for more in text[1:]:
+            print(" " * indent + more)
         if i == 0:
-            print("-" * (sum(widths) + 6 + len(r[3])))
+            print("-" * WIDTH)
     try:
         from .compute import detect_backends
 
