@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
 import sys
 import threading
 from dataclasses import dataclass
@@ -304,14 +305,15 @@ def build_base_model_runner(ctx, mesh, payload: Dict[str, Any], options: Dict[st
     import comfy.model_patcher
 
     device = torch.device(ctx.device)
-    sd = dict(payload["state_dict"])
-    base = payload["model_config"].get_model(sd, "", device=None)
+    data = pickle.loads(payload["blob"])
+    sd = data["state_dict"]
+    base = data["model_config"].get_model(sd, "", device=None)
     missing, unexpected = base.diffusion_model.load_state_dict(sd, strict=False)
     if missing:
         raise RuntimeError(f"the worker's model lacks {len(missing)} weights the ComfyUI model has (first: {missing[:3]})")
     patcher = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))
-    if payload.get("patches"):
-        patcher.patches = {k: list(v) for k, v in payload["patches"].items()}
+    if data.get("patches"):
+        patcher.patches = {k: list(v) for k, v in data["patches"].items()}
     patcher.patch_model(device_to=device, force_patch_weights=True)
     base.eval()
 
@@ -328,7 +330,8 @@ def build_base_model_runner(ctx, mesh, payload: Dict[str, Any], options: Dict[st
 
 def _comfy_path() -> Optional[str]:
     comfy = sys.modules.get("comfy")
-    return os.path.dirname(os.path.dirname(os.path.abspath(comfy.__file__))) if comfy is not None else None
+    paths = list(getattr(comfy, "__path__", []) or [])  # a namespace package: no __file__
+    return os.path.dirname(os.path.abspath(paths[0])) if paths else None
 
 
 def base_model_payload(base_model) -> Dict[str, Any]:
@@ -344,8 +347,11 @@ def base_model_payload(base_model) -> Dict[str, Any]:
                 sd[key[len(prefix):]] = bk.weight
         patches = {k: v for k, v in getattr(patcher, "patches", {}).items() if k.startswith(prefix)}
     sd = {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
-    return {"model_config": base_model.model_config, "state_dict": sd, "patches": _to(patches, "cpu"),
-            "comfy_path": _comfy_path()}
+    # Pickled here, unpickled by the worker only after it has set ComfyUI up (ComfyUI's config objects import
+    # comfy.model_management, which must know first whether the worker is a CPU one).
+    blob = pickle.dumps({"model_config": base_model.model_config, "state_dict": sd, "patches": _to(patches, "cpu")},
+                        protocol=pickle.HIGHEST_PROTOCOL)
+    return {"blob": blob, "comfy_path": _comfy_path()}
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .._log import logger
-from .launch import WorkerContext, WorkerFailed
+from .launch import WorkerFailed
+from .portable import portable
 
 __all__ = ["connect", "RayWorkerPool", "ray_available", "WorkerFailed"]
 
@@ -53,10 +54,11 @@ def _ray():
 def _code_paths() -> List[str]:
     """Folders the actors need on sys.path: the one holding genesis_core, and ComfyUI's when it is loaded."""
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    paths = [here]
-    comfy = sys.modules.get("comfy")
-    if comfy is not None and getattr(comfy, "__file__", None):
-        paths.append(os.path.dirname(os.path.dirname(os.path.abspath(comfy.__file__))))
+    paths = []
+    comfy_dirs = list(getattr(sys.modules.get("comfy"), "__path__", []) or [])  # a namespace package: no __file__
+    if comfy_dirs:  # first: ComfyUI's top-level ``nodes`` must win over this pack's
+        paths.append(os.path.dirname(os.path.abspath(comfy_dirs[0])))
+    paths.append(here)
     return paths
 
 
@@ -72,8 +74,8 @@ def connect(address: Optional[str] = None, **init_kwargs: Any) -> Dict[str, Any]
         if ray.is_initialized():
             ctx = ray.get_runtime_context()
             current = getattr(ctx, "gcs_address", None)
-            if address and address not in ("auto",) and current and not address.startswith("ray://") \
-                    and address != current:
+            same_port = bool(current) and address is not None and address.rsplit(":", 1)[-1] == current.rsplit(":", 1)[-1]
+            if address and address != "auto" and current and not address.startswith("ray://") and not same_port:
                 raise RuntimeError(f"this process is already connected to the Ray cluster at {current}; asked for "
                                    f"{address}. Restart ComfyUI to change the Ray address")
             return {"address": current, "embedded": None, "resources": ray.cluster_resources()}
@@ -99,20 +101,28 @@ def _worker_class():
     ray = _ray()
 
     class GenesisRayWorker:
-        """One rank: holds its torch.distributed membership and a cache (the model) between runs."""
+        """One rank: holds its torch.distributed membership and a cache (the model) between runs.
+
+        Defined inside a function so Ray ships it by value: it refers to no module of this pack, and imports
+        Genesis functions by their canonical ``genesis_core`` names on the worker (see .portable).
+        """
 
         def __init__(self, rank: int, world: int, sys_path: Sequence[str], env: Dict[str, str], use_gpu: bool):
+            import types
+
             for p in reversed(list(sys_path)):
                 if p not in sys.path:
                     sys.path.insert(0, p)
             os.environ.update(env or {})
             self.rank, self.world, self.use_gpu = rank, world, use_gpu
-            self.ctx = WorkerContext(rank, world, "cuda:0" if use_gpu else "cpu")
+            self.ctx = types.SimpleNamespace(rank=rank, world_size=world, device="cuda:0" if use_gpu else "cpu",
+                                             cache={})
 
         def describe(self) -> Dict[str, Any]:
             import ray as _r
 
             return {"rank": self.rank, "ip": _r.util.get_node_ip_address(), "host": socket.gethostname(),
+                    "node_id": _r.get_runtime_context().get_node_id(),
                     "pid": os.getpid(), "gpus": [str(g) for g in _r.get_gpu_ids()], "device": self.ctx.device}
 
         def free_port(self) -> int:
@@ -135,7 +145,14 @@ def _worker_class():
             dist.init_process_group(**kwargs)
             return True
 
-        def run(self, fn: Callable, *args: Any) -> Any:
+        def run(self, fn: Any, *args: Any) -> Any:
+            if isinstance(fn, tuple):
+                import importlib
+
+                obj: Any = importlib.import_module(fn[0])
+                for part in fn[1].split("."):
+                    obj = getattr(obj, part)
+                fn = obj
             return fn(self.ctx, *args)
 
     _actor_cls = ray.remote(GenesisRayWorker)
@@ -252,7 +269,8 @@ class RayWorkerPool:
             raise RuntimeError("this RayWorkerPool is closed (a worker failed or close() was called); start a new one")
         if per_rank is not None and len(per_rank) != self.world_size:
             raise ValueError(f"per_rank must give one argument tuple per rank ({self.world_size}); got {len(per_rank)}")
-        futures = [a.run.remote(fn, *args, *(per_rank[r] if per_rank is not None else ()))
+        spec = portable(fn)
+        futures = [a.run.remote(spec, *args, *(per_rank[r] if per_rank is not None else ()))
                    for r, a in enumerate(self.actors)]
         return self._gather(futures, self.timeout_s if timeout is None else timeout,
                             f"running {getattr(fn, '__name__', fn)!s}")

@@ -19,6 +19,7 @@ import torch
 from .._log import log_once
 from .cfg import join_chunks, split_call
 from .mesh import build_mesh
+from .portable import portable, resolve
 
 __all__ = ["ParallelSession"]
 
@@ -42,7 +43,7 @@ def _setup(ctx, cfg: int, ulysses: int, ring: int, env: Dict[str, str]):
 def _load(ctx, key: int, builder: Callable, payload: Any, options: Dict[str, Any]):
     models = ctx.cache.setdefault("models", {})
     models.clear()  # one model per worker: the previous one's memory goes first
-    models[key] = builder(ctx, ctx.cache["mesh"], payload, options)
+    models[key] = resolve(builder)(ctx, ctx.cache["mesh"], payload, options)
     return True
 
 
@@ -90,7 +91,7 @@ class ParallelSession:
         """Build the model on every worker: ``builder(ctx, mesh, payload, options) -> runner``; sent once."""
         key = next(_keys)
         ref = self.pool.put(payload)
-        self.pool.run(_load, key, builder, ref, dict(options or {}))
+        self.pool.run(_load, key, portable(builder), ref, dict(options or {}))
         self.key = key
         return key
 

@@ -1,0 +1,210 @@
+"""Workers placed by Ray on a two-"node" cluster that the test starts on 127.0.0.1 (``ray start --head`` plus a
+second ``ray start --address``) and stops: ComfyUI's Wan model sequence- and CFG-parallel across the two nodes
+equals one process; a killed worker fails the run with its rank named and the next pool works; and the Genesis
+Multi-GPU node on a real ComfyUI sampler (KSampler, a weight patch on the model) equals sampling without it.
+Skips without Ray (``pip install 'comfyui-genesis[ray]'``) or without COMFYUI_PATH."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfy_helpers import REPO, comfyui_path
+from genesis_core.parallel.launch import WorkerFailed, free_port
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'comfyui-genesis[ray]')")
+COMFY = comfyui_path()
+TESTS = str(Path(__file__).resolve().parent)
+pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(COMFY is None, reason="set COMFYUI_PATH to a ComfyUI checkout")]
+
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "RAY_AUTH_MODE": "disabled"}  # 127.0.0.1 only
+
+
+def _ray_cli(*args, env, timeout=180):
+    exe = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
+    out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"ray {' '.join(args)} failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head + one more node, both on 127.0.0.1, 2 CPUs each; stopped at the end."""
+    port = free_port()
+    env = dict(os.environ, **RAY_ENV, PYTHONPATH=os.pathsep.join([str(REPO), TESTS]))
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats"]
+    try:
+        _ray_cli("start", "--head", f"--port={port}", "--include-dashboard=false", *common,
+                 "--resources={\"head_node\": 1}", env=env)
+        _ray_cli("start", f"--address=127.0.0.1:{port}", *common, "--resources={\"second_node\": 1}", env=env)
+        yield {"address": f"127.0.0.1:{port}", "env": env}
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray", "stop", "--force"],
+                       capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.fixture(scope="module")
+def driver(cluster):
+    from genesis_core.parallel.ray_workers import connect
+
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = cluster["env"]["PYTHONPATH"]  # the actors import the test's helper functions
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    try:
+        info = connect(cluster["address"])
+        assert info["resources"].get("CPU") == 4.0
+        yield cluster
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def _die_on_rank_one(ctx):
+    if ctx.rank == 1:
+        os._exit(7)
+    import torch.distributed as dist
+
+    dist.barrier()
+    return ctx.rank
+
+
+def test_wan_across_two_ray_nodes_and_a_killed_worker(driver):
+    from genesis_core.interop.comfy_parallel import build_diffusion_runner
+    from genesis_core.parallel.ray_workers import RayWorkerPool
+    from genesis_core.parallel.session import ParallelSession
+    from test_parallel_comfy_models import WAN, assert_close, one_process, random_state, wan_inputs
+
+    pool = RayWorkerPool(2, use_gpu=False, address=driver["address"], strategy="STRICT_SPREAD", timeout_s=120)
+    try:
+        assert len({p["node_id"] for p in pool.placement}) == 2  # one worker on each node
+        state = pool.run(random_state, WAN, 5, str(COMFY))[0]
+        payload = dict(WAN, state_dict=state, comfy_path=str(COMFY))
+        gen = torch.Generator().manual_seed(21)
+        inputs = wan_inputs(gen, 2, 2, 6, 8)
+        want = pool.run(one_process, payload, inputs)[0]
+        seq = ParallelSession(pool, cfg=1, ulysses=2, ring=1)
+        seq.load(build_diffusion_runner, payload, {})
+        assert_close(seq.call(inputs["x"], inputs["timestep"], inputs["conds"], [0, 1]), want)
+        ring = ParallelSession(pool, cfg=1, ulysses=1, ring=2)
+        ring.load(build_diffusion_runner, payload, {})
+        assert_close(ring.call(inputs["x"], inputs["timestep"], inputs["conds"], [0, 1]), want)
+        cfg = ParallelSession(pool, cfg=2, ulysses=1, ring=1)
+        cfg.load(build_diffusion_runner, payload, {})
+        assert_close(cfg.call(inputs["x"], inputs["timestep"], inputs["conds"], [0, 1]), want)
+
+        with pytest.raises(WorkerFailed, match=r"Ray worker rank 1 \(host .*\) died .*the next run starts fresh"):
+            pool.run(_die_on_rank_one)
+        assert pool.closed
+        with pytest.raises(RuntimeError, match="closed"):
+            cfg.call(inputs["x"], inputs["timestep"], inputs["conds"], [0, 1])
+    finally:
+        pool.close()
+    fresh = RayWorkerPool(2, use_gpu=False, address=driver["address"], timeout_s=120)
+    try:
+        again = ParallelSession(fresh, cfg=2, ulysses=1, ring=1)
+        again.load(build_diffusion_runner, payload, {})
+        assert_close(again.call(inputs["x"], inputs["timestep"], inputs["conds"], [0, 1]), want)
+    finally:
+        fresh.close()
+
+
+# ---------------------------------------------------------------- the node on ComfyUI's own sampler
+
+
+def test_multigpu_node_on_comfyui_sampler_equals_one_process(driver, tmp_path):
+    """In a fresh interpreter (ComfyUI's top-level modules must not leak here): a tiny Wan 2.1 built from
+    ComfyUI's supported-model config, a weight patch on it, KSampler with CFG 4, with and without the node."""
+    stub = tmp_path / "stub" / "torchvision"  # torchvision does not import beside torch 2.13 CPU; ComfyUI's model
+    stub.mkdir(parents=True)                  # registry imports it at module level (comfy.ldm.cosmos) only
+    (stub / "__init__.py").write_text("from . import transforms  # noqa\n")
+    (stub / "transforms.py").write_text("def __getattr__(name):\n    raise ImportError('torchvision stub')\n")
+    env = dict(os.environ, **RAY_ENV, COMFYUI_PATH=str(COMFY), GENESIS_RAY_ADDRESS=driver["address"],
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "stub"), str(REPO), TESTS]))
+    code = f"import sys; sys.path.insert(0, {TESTS!r}); import test_parallel_ray as t; t._sampler_main()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=540, env=env,
+                         cwd=str(COMFY))
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("GENESIS_RESULT ")]
+    assert out.returncode == 0 and lines, f"rc={out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    result = json.loads(lines[-1][len("GENESIS_RESULT "):])
+    assert result["patch_matters"] > 1e-3  # the weight patch changes the result, so it must have travelled
+    for mode in ("cfg", "sequence"):
+        r = result[mode]
+        assert r["is_clone"] and r["calls"] > 0, r
+        assert r["err"] <= 2e-4 * max(1.0, r["scale"]), (mode, r)
+    assert "cannot split this model" in result["refused"]
+    assert "odd" in result["odd"]
+
+
+def _sampler_main():
+    sys.path.insert(0, str(COMFY))
+    os.chdir(str(COMFY))
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.supported_models
+
+    from comfy_helpers import load_pack
+
+    pack = load_pack()
+    node = pack.NODE_CLASS_MAPPINGS["GenesisMultiGPU"]()
+    cfg = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 16, "in_dim": 16,
+           "dim": 32, "ffn_dim": 48, "freq_dim": 16, "text_dim": 24, "out_dim": 16, "num_heads": 4, "num_layers": 2,
+           "eps": 1e-6, "qk_norm": True, "cross_attn_norm": True}
+    config = comfy.supported_models.WAN21_T2V(cfg)
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    cpu = torch.device("cpu")
+    model = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    plain = model.clone()
+    key = "diffusion_model.blocks.0.self_attn.q.weight"
+    model.add_patches({key: (torch.randn(base.state_dict()[key].shape, generator=gen) * 0.5,)}, 1.0)
+
+    latent = torch.zeros(1, 16, 2, 8, 8)
+    noise = torch.randn(latent.shape, generator=gen)
+    pos = [[torch.randn(1, 16, 24, generator=gen), {}]]
+    neg = [[torch.randn(1, 16, 24, generator=gen), {}]]
+
+    def sample(m):
+        return comfy.sample.sample(m, noise, 3, 4.0, "euler", "simple", pos, neg, latent, disable_pbar=True, seed=1)
+
+    want = sample(model)
+    result = {"patch_matters": (sample(plain) - want).abs().max().item()}
+    address = os.environ["GENESIS_RAY_ADDRESS"]
+    for mode in ("cfg", "sequence"):
+        (clone,) = node.execute(model, mode=mode, gpus="2", ring=1, ray_address=address, workers="cpu")
+        got = sample(clone)
+        wrapper = clone.model_options["model_function_wrapper"]
+        result[mode] = {"is_clone": clone is not model and "model_function_wrapper" not in model.model_options,
+                        "calls": wrapper.calls, "err": (got - want).abs().max().item(),
+                        "scale": want.abs().max().item()}
+    try:
+        node.execute(model, mode="sequence", gpus="8", ring=1, ray_address=address, workers="cpu")
+    except ValueError as exc:
+        result["refused"] = str(exc)  # 4 heads on 8 Ulysses ranks
+    try:
+        node.execute(model, mode="both", gpus="3", ring=1, ray_address=address, workers="cpu")
+    except ValueError as exc:
+        result["odd"] = str(exc)
+    from genesis_core.interop.comfy_parallel import close_sessions
+
+    close_sessions()
+    print("GENESIS_RESULT " + json.dumps(result), flush=True)
