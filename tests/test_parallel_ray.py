@@ -2,7 +2,7 @@
 second ``ray start --address``) and stops: ComfyUI's Wan model sequence- and CFG-parallel across the two nodes
 equals one process; a killed worker fails the run with its rank named and the next pool works; and the Genesis
 Multi-GPU node on a real ComfyUI sampler (KSampler, a weight patch on the model) equals sampling without it.
-Skips without Ray (``pip install 'comfyui-genesis[ray]'``) or without COMFYUI_PATH."""
+Skips without Ray (``pip install 'comfyui-genesis[ray]'``); the ComfyUI tests also without COMFYUI_PATH."""
 from __future__ import annotations
 
 import json
@@ -22,7 +22,6 @@ from genesis_core.parallel.launch import WorkerFailed, free_port
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'comfyui-genesis[ray]')")
 COMFY = comfyui_path()
 TESTS = str(Path(__file__).resolve().parent)
-pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(COMFY is None, reason="set COMFYUI_PATH to a ComfyUI checkout")]
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "RAY_AUTH_MODE": "disabled"}  # 127.0.0.1 only
 
@@ -81,6 +80,51 @@ def _die_on_rank_one(ctx):
     return ctx.rank
 
 
+def toy_attention_runner(ctx, mesh, payload, options):
+    """A model without ComfyUI: attention of x to itself over the sequence mesh (tokens cut, attended, gathered)."""
+    from genesis_core.parallel import gather_tokens, sequence_attention, split_tokens
+
+    def run(inputs):
+        x = inputs["x"]  # [B, H, N, D]
+        local, _, real = split_tokens(x, mesh.shard_index, mesh.sequence_degree, dim=2)
+        out = sequence_attention(local, local * payload["k_scale"], local, mesh, real=real)
+        return gather_tokens(out, real, group=mesh.sequence_group, dim=2)
+
+    return run
+
+
+def test_sequence_and_cfg_across_two_ray_nodes_then_a_killed_worker(driver):
+    """No ComfyUI needed: Ray places one worker on each node, they join one gloo group, sequence-parallel
+    attention and the CFG split equal float64 one-process attention; a worker that dies is named."""
+    from conftest import reference_attention
+    from genesis_core.parallel.ray_workers import RayWorkerPool
+    from genesis_core.parallel.session import ParallelSession
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 13, 8, generator=gen)  # 13 tokens on 2 ranks: 7 + 6 (one pad)
+    want = reference_attention(x, x * 0.5, x).float()
+    for attempt in range(2):  # the second pool after the first one's worker died: a fresh start works
+        pool = RayWorkerPool(2, use_gpu=False, address=driver["address"], strategy="STRICT_SPREAD", timeout_s=120)
+        try:
+            assert len({p["node_id"] for p in pool.placement}) == 2  # one worker on each node
+            seq = ParallelSession(pool, cfg=1, ulysses=2)
+            seq.load(toy_attention_runner, {"k_scale": 0.5})
+            torch.testing.assert_close(seq.call(x, torch.zeros(2), {}, [0, 1]), want, atol=2e-5, rtol=2e-5)
+            cfg = ParallelSession(pool, cfg=2, ulysses=1)
+            cfg.load(toy_attention_runner, {"k_scale": 0.5})
+            torch.testing.assert_close(cfg.call(x, torch.zeros(2), {}, [1, 0]), want, atol=2e-5, rtol=2e-5)
+            if attempt == 0:
+                with pytest.raises(WorkerFailed, match=r"Ray worker rank 1 \(host .*\) died .*next run starts fresh"):
+                    pool.run(_die_on_rank_one)
+                assert pool.closed
+                with pytest.raises(RuntimeError, match="closed"):
+                    cfg.call(x, torch.zeros(2), {}, [0, 1])
+        finally:
+            pool.close()
+
+
+@pytest.mark.comfyui
+@pytest.mark.skipif(COMFY is None, reason="set COMFYUI_PATH to a ComfyUI checkout")
 def test_wan_across_two_ray_nodes_and_a_killed_worker(driver):
     from genesis_core.interop.comfy_parallel import build_diffusion_runner
     from genesis_core.parallel.ray_workers import RayWorkerPool
@@ -124,6 +168,8 @@ def test_wan_across_two_ray_nodes_and_a_killed_worker(driver):
 # ---------------------------------------------------------------- the node on ComfyUI's own sampler
 
 
+@pytest.mark.comfyui
+@pytest.mark.skipif(COMFY is None, reason="set COMFYUI_PATH to a ComfyUI checkout")
 def test_multigpu_node_on_comfyui_sampler_equals_one_process(driver, tmp_path):
     """In a fresh interpreter (ComfyUI's top-level modules must not leak here): a tiny Wan 2.1 built from
     ComfyUI's supported-model config, a weight patch on it, KSampler with CFG 4, with and without the node."""

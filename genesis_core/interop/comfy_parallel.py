@@ -32,7 +32,7 @@ import torch
 from .._log import log_once, logger
 from ..parallel.sequence import sequence_attention
 from ..parallel.shard import gather_tokens, split_tokens
-from .comfy_adapter import GenesisAttentionOverride, _bind, comfy_attention
+from .comfy_adapter import GenesisAttentionOverride, comfy_attention
 
 __all__ = ["SequenceAttentionOverride", "model_family", "sequence_support", "sequence_transformer_options",
            "build_diffusion_runner", "build_base_model_runner", "base_model_payload", "MultiGPUModelFunction",
@@ -51,6 +51,22 @@ class _Shard:
     vec: Any            # this rank's modulation (Wan per-token timesteps) or the whole one
 
 
+_PARAMS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
+
+
+def _bind(args, kwargs) -> Dict[str, Any]:
+    """ComfyUI's attention arguments by name (``fn(q, k, v, heads, mask=None, attn_precision=None,
+    skip_reshape=False, skip_output_reshape=False, **kwargs)``); other kwargs are dropped."""
+    if len(args) > len(_PARAMS):
+        raise TypeError(f"ComfyUI attention takes at most {len(_PARAMS)} positional arguments; got {len(args)}")
+    bound = dict(zip(_PARAMS, args))
+    bound.update({k: v for k, v in kwargs.items() if k in _PARAMS})
+    missing = [p for p in _PARAMS[:4] if p not in bound]
+    if missing:
+        raise TypeError(f"ComfyUI attention call is missing {', '.join(missing)}")
+    return bound
+
+
 class SequenceAttentionOverride:
     """``optimized_attention_override`` for sharded models: self-attention over the shards goes through
     :func:`sequence_attention`, every other call through Genesis attention on this rank alone."""
@@ -64,7 +80,7 @@ class SequenceAttentionOverride:
         return self
 
     def __call__(self, func, *args: Any, **kwargs: Any) -> torch.Tensor:
-        bound, _ = _bind(args, kwargs)
+        bound = _bind(args, kwargs)
         st: Optional[_Shard] = getattr(_active, "shard", None)
         q, k, v, heads = bound["q"], bound["k"], bound["v"], bound["heads"]
         skip_in, skip_out = bool(bound.get("skip_reshape", False)), bool(bound.get("skip_output_reshape", False))
