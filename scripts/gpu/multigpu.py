@@ -314,7 +314,7 @@ def main():
     REPORT["executor_stats"] = ex.stats()
     # the throughput fits (time = a + b * rows) each split measured, worker alone: a and b in ms
     REPORT["solo_fits_ms"] = [{w: [round(a * 1e3, 4), round(b * 1e3, 4)] for w, (a, b) in fits.items()}
-                              for fits in ex._solo.values()]
+                              for fits in ex._planner.solo_fits()]
     print("solo fits (a, b) ms:", REPORT["solo_fits_ms"])
     REPORT["failed"] = FAILED
     out = os.environ.get("OUT")
