@@ -188,6 +188,50 @@ def test_unregistered_backend_is_a_key_error_listing_registered(ex):
         ex.execute_on_backend("my-gpu", lambda t: t, torch.randn(2))
 
 
+def test_detected_backends_run_without_registering():
+    # issue 12, item 12: a detected torch backend is usable by name; registering stays for choosing devices
+    fresh = HeterogeneousExecutor()
+    x, w = torch.randn(5, 7), torch.randn(7, 3)
+    f = lambda t: t @ w + 1  # noqa: E731
+    torch.testing.assert_close(fresh.execute_on_backend("cpu", f, x), x @ w + 1)
+    torch.testing.assert_close(fresh.execute_on_backend(ComputeBackend.CPU, f, x), x @ w + 1)
+    parts = [torch.randn(n, 7) for n in (2, 4)]
+    outs = fresh.parallel_execute(f, parts, ["cpu", ComputeBackend.CPU])
+    torch.testing.assert_close(outs, [p @ w + 1 for p in parts])
+    torch.testing.assert_close(fresh.split_execute(f, x, ["cpu"]), x @ w + 1)
+    assert fresh.device_of("cpu") == torch.device("cpu")
+    assert fresh.registered() == []  # nothing was registered behind the caller's back
+    assert fresh.stats()["cpu"]["calls"] == 5 and fresh.stats()["cpu"]["errors"] == 0
+    with pytest.raises(ValueError, match="at least one registered backend"):
+        fresh.split_execute(f, x)  # without names, a split takes the registered workers only
+
+
+def test_registering_a_detected_backend_chooses_its_device():
+    fresh = HeterogeneousExecutor()
+    assert fresh.execute_on_backend("cpu", lambda t: t + 1, torch.randn(3), return_device=None).device.type == "cpu"
+    _fake_device_worker(fresh, name="cpu")  # the registered worker takes the name over
+    out = fresh.execute_on_backend("cpu", lambda t: t + 1, torch.randn(3), return_device=None)
+    assert out.device.type == "meta" and fresh.registered() == ["cpu"]
+
+
+def test_a_backend_it_cannot_serve_is_a_sentence_listing_what_it_can(ex):
+    ex.register_backend(ComputeBackend.CPU, name="cpu-b")
+    with pytest.raises(ValueError) as info:  # also a KeyError, for callers written against earlier versions
+        ex.execute_on_backend("my-gpu", lambda t: t, torch.randn(2))
+    text = str(info.value)
+    assert isinstance(info.value, KeyError)
+    assert text.startswith("backend 'my-gpu' is not registered with this executor; registered: 'cpu', 'cpu-b'.")
+    assert "run without registering: cpu" in text
+    found = detect_backends()
+    if not found[ComputeBackend.CUDA].available:
+        with pytest.raises(ValueError) as info:
+            ex.execute_on_backend("cuda", lambda t: t, torch.randn(2))
+        assert found[ComputeBackend.CUDA].reason in str(info.value) and "not available here" in str(info.value)
+    if found[ComputeBackend.ONNX].available:
+        with pytest.raises(ValueError, match="runs only once registered .*runtime options"):
+            ex.execute_on_backend(ComputeBackend.ONNX, lambda t: t, torch.randn(2))
+
+
 def test_non_callable_fn_is_a_type_error(ex):
     with pytest.raises(TypeError, match="fn must be callable; got Tensor"):
         ex.execute_on_backend("cpu", torch.randn(2), torch.randn(2))

@@ -3,16 +3,18 @@
 Quick tour (the spec's section 2)::
 
     ex = HeterogeneousExecutor()
-    ex.register_backend(ComputeBackend.CPU)                       # -> "cpu"
-    ex.register_backend(ComputeBackend.CUDA, torch.device("cuda:0"))  # BackendUnavailableError without CUDA
-    y = ex.execute_on_backend(ComputeBackend.CPU, fn, x)          # y lands where x came from
+    y = ex.execute_on_backend("cpu", fn, x)                       # a detected backend works unregistered
+    ex.register_backend(ComputeBackend.CUDA, torch.device("cuda:1"))  # registering chooses the device
+    y = ex.execute_on_backend(ComputeBackend.CUDA, fn, x)         # y lands where x came from
     ys = ex.parallel_execute(fn, [x1, x2], [ComputeBackend.CPU, "cuda"])
     y = ex.split_execute(fn, x, ["cpu", "cuda"], dim=0)           # split by measured throughput, gathered
 
 Workers (``workers.py``). Each registration is a *worker* with a name (default: the backend's value,
 ``"cpu"``); pass ``name=`` to register one backend several times (``cuda:1``, or several CPU workers standing
 in for devices in tests). Everywhere a backend is asked for, a ``ComputeBackend``, its value or a worker name
-works.
+works. A torch backend that detection found (``cpu``, ``cuda``, ``mps``, ``npu``, ``rocm``) can be named
+without registering it: it runs on that backend's first device. ONNX Runtime and WebGPU take runtime options
+and are registered first.
 
 How a batch is split (``split_plan.py``): the throughput fits, their calibration state and the cut.
 Models captured by ``fn`` run where the data runs: see ``placement.py`` for the mechanism (discovered,
@@ -31,7 +33,7 @@ import torch.nn as nn
 from .._device import synchronize
 from .._log import log_once, logger
 from ._tree import first_tensor, map_tensors
-from .backends import ComputeBackend, available_backends, backend_status
+from .backends import TORCH_DEVICE_TYPE, ComputeBackend, available_backends, backend_status
 from .placement import ReplicaCache, ReplicaMode, reachable_modules
 from .split_plan import (SplitPlanner, batch_args, calibration_key, gather, owns_memory, plan_shares,
                          slice_args)
@@ -41,10 +43,22 @@ from .workers import local as _local
 from .workers import mover as _mover
 
 __all__ = [
-    "BackendLike", "BackendUnavailableError", "DeviceLike", "HeterogeneousExecutor",
+    "BackendLike", "BackendNotRegisteredError", "BackendUnavailableError", "DeviceLike", "HeterogeneousExecutor",
     "INPUT", "ParallelExecutionError", "THREADS_PER_WORKER", "Worker", "current_worker", "plan_shares",
 ]
 _ONNX_OPTIONS = ONNX_OPTIONS
+
+
+class BackendNotRegisteredError(KeyError, ValueError):
+    """A backend or worker name this executor cannot serve: neither registered nor a detected torch backend.
+
+    The message lists the registered workers and the backends usable without registering. A ``KeyError``
+    (what earlier versions raised, so ``except KeyError`` still works) and a ``ValueError`` (a bad argument),
+    whose text reads as a sentence rather than a quoted key.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class ParallelExecutionError(RuntimeError):
@@ -75,6 +89,8 @@ class HeterogeneousExecutor:
 
     def __init__(self) -> None:
         self._workers: Dict[str, Worker] = {}
+        # Detected torch backends used without registering, by backend value (never listed by registered()).
+        self._detected: Dict[str, Worker] = {}
         self._lock = threading.RLock()
         self._replicas = ReplicaCache()
         self._planner = SplitPlanner(knobs=self)  # throughput fits and split plans (split_plan.py)
@@ -112,13 +128,15 @@ class HeterogeneousExecutor:
             if old is not None:
                 logger.info("replacing compute worker %r", key)
             self._workers[key] = worker
-        if old is not None:
-            old.close()
+            detected = self._detected.pop(key, None)  # the registered worker takes the name over
+        for w in (old, detected):
+            if w is not None:
+                w.close()
         return key
 
     def unregister_backend(self, backend: BackendLike) -> None:
-        """Remove a worker (KeyError listing the registered ones when it is not registered)."""
-        w = self._worker(backend)
+        """Remove a registered worker (:class:`BackendNotRegisteredError`, a KeyError, when it is not one)."""
+        w = self._worker(backend, detected=False)
         with self._lock:
             self._workers.pop(w.name, None)
         w.close()
@@ -127,12 +145,12 @@ class HeterogeneousExecutor:
         """Stop the workers' threads (idle ones exit now, busy ones after their call). The executor stays
         usable: a later parallel call starts them again. Also happens when the executor is collected."""
         with self._lock:
-            workers = list(self._workers.values())
+            workers = list(self._workers.values()) + list(self._detected.values())
         for w in workers:
             w.close()
 
     def registered(self) -> List[str]:
-        """Worker names in registration order."""
+        """Registered worker names in registration order (detected backends used unregistered are not listed)."""
         with self._lock:
             return list(self._workers)
 
@@ -140,7 +158,9 @@ class HeterogeneousExecutor:
         """The torch device a worker computes on (for ONNX: where its inputs and outputs live)."""
         return self._worker(backend).device
 
-    def _worker(self, backend: BackendLike) -> Worker:
+    def _worker(self, backend: BackendLike, detected: bool = True) -> Worker:
+        """The worker for ``backend``: a registered one, else (``detected``) the detected torch backend of that
+        name on its first device, made on first use; else :class:`BackendNotRegisteredError`."""
         with self._lock:
             if isinstance(backend, ComputeBackend):
                 key = backend.value
@@ -148,12 +168,27 @@ class HeterogeneousExecutor:
                 key = backend if backend in self._workers else backend.strip().lower()
             else:
                 raise TypeError(f"backend must be a ComputeBackend or a worker name; got {type(backend).__name__}")
-            worker = self._workers.get(key)
-            if worker is None:
-                names = ", ".join(repr(n) for n in self._workers) or "none"
-                raise KeyError(f"backend {str(backend)!r} is not registered with this executor; registered: "
-                               f"{names}. Call register_backend() first.")
-            return worker
+            worker = self._workers.get(key) or (self._detected.get(key) if detected else None)
+            return worker if worker is not None else self._unregistered(backend, key, detected)
+
+    def _unregistered(self, backend: BackendLike, key: str, detected: bool) -> Worker:
+        """With ``detected``, a worker for the unregistered torch backend ``key`` when detection found it (made
+        once, on its first device; lock held); else the error saying what this executor can serve."""
+        b = next((m for m in ComputeBackend if key in (m.value, m.name.lower())), None)
+        why = ""
+        if b is not None and detected:
+            status = backend_status(b)
+            if b in TORCH_DEVICE_TYPE and status.available:
+                self._detected[key] = worker = build_worker(b.value, b, None, status, {})
+                return worker
+            why = (f" and runs only once registered (ComputeBackend.{b.name} takes runtime options)"
+                   if status.available else f" and is not available here: {status.reason or 'not detected'}")
+        registered = ", ".join(repr(n) for n in self._workers) or "none"
+        usable = ", ".join(m.value for m in available_backends() if m in TORCH_DEVICE_TYPE) or "none"
+        raise BackendNotRegisteredError(
+            f"backend {str(backend)!r} is not registered with this executor{why}; registered: {registered}. "
+            f"Detected torch backends run without registering: {usable}; register_backend() adds the others "
+            f"(another device, ONNX Runtime, WebGPU, several workers of one backend).")
 
     # -- placement ----------------------------------------------------------------------------------
     def place(self, module: nn.Module, backend: BackendLike) -> nn.Module:
@@ -188,7 +223,8 @@ class HeterogeneousExecutor:
         there is none); ``None`` leaves them where they were computed.
 
         Raises:
-            KeyError: ``backend`` is not registered (lists the registered ones).
+            BackendNotRegisteredError: ``backend`` is neither registered nor a detected torch backend (a
+                KeyError and a ValueError; lists the registered ones and those usable without registering).
             TypeError: ``fn`` is not callable.
         """
         worker = self._worker(backend)
@@ -256,7 +292,7 @@ class HeterogeneousExecutor:
         Raises:
             TypeError: ``fn`` not callable, or ``data_splits``/``backends`` not lists or tuples.
             ValueError: no splits, or different lengths.
-            KeyError: a backend that is not registered (before anything runs).
+            BackendNotRegisteredError: a backend it cannot serve (before anything runs).
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable; got {type(fn).__name__}")
@@ -398,16 +434,16 @@ class HeterogeneousExecutor:
 
     # -- telemetry ----------------------------------------------------------------------------------
     def stats(self) -> Dict[str, Dict[str, Any]]:
-        """Per worker: backend, device, calls, errors, total_s, mean_ms, last_ms, and for ONNX/WEBGPU
-        workers exports, export_s, session_hits, disk_hits, sessions. Host wall time (CUDA work that has
-        not been waited for is not included)."""
+        """Per worker (registered ones, then detected backends used unregistered): backend, device, calls,
+        errors, total_s, mean_ms, last_ms, and for ONNX/WEBGPU workers exports, export_s, session_hits,
+        disk_hits, sessions. Host wall time (CUDA work that has not been waited for is not included)."""
         with self._lock:
-            workers = list(self._workers.values())
+            workers = list(self._workers.values()) + [w for k, w in self._detected.items() if k not in self._workers]
         return {w.name: w.stats() for w in workers}
 
     def reset_stats(self) -> None:
         """Zero the per-worker call counters (ONNX cache counters stay)."""
         with self._lock:
-            workers = list(self._workers.values())
+            workers = list(self._workers.values()) + list(self._detected.values())
         for w in workers:
             w.reset_stats()
