@@ -246,3 +246,23 @@ def test_guard_poisons_memory_so_an_unwritten_output_reads_nan():
     assert reason is not None, "an output nothing wrote must never pass"
     box["ok"] = measuring.check_output(call, registry.get("sdpa"), "exact")
     assert box["ok"] is None
+
+
+def test_the_spec_modules_carry_a_quality_budget(lossy):
+    from genesis_core import AdaptiveAttentionSwitch, CrossAttentionModule
+
+    autotune.set_mode("off")
+    lossy("fp8_mod", _noisy(quality.LOSSY["fast"][0] / 5))
+    x, ctx = torch.randn(2, 12, 32), torch.randn(2, 7, 16)
+    m = CrossAttentionModule(32, 16, 4, backend="fp8_mod")
+    m(x, ctx)
+    assert dispatch.last_backend() == "fp8_mod"  # an explicit lossy choice implies its level
+    m = CrossAttentionModule(32, 16, 4, backend="fp8_mod", quality="exact")
+    m(x, ctx)
+    assert dispatch.last_backend() == "sdpa"
+    s = AdaptiveAttentionSwitch(32, 4, quality="HIGH")
+    assert s.quality == "high"
+    with pytest.raises(ValueError, match="quality must be one of"):
+        s.set_quality("ultra")
+    with pytest.raises(ValueError, match="quality must be one of"):
+        CrossAttentionModule(32, 16, 4, quality=3)

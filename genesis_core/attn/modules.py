@@ -12,6 +12,7 @@ from typing import List, Optional, Union
 import torch
 import torch.nn as nn
 
+from . import quality as _quality
 from . import registry
 from .dispatch import attention, backend_name, last_backend
 from .types import AttentionType
@@ -98,6 +99,12 @@ class _Projected(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, N, H*D] -> [B, N, H, D] (BNHD view)
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim)
 
+    #: Quality budget for this module's calls: None = the default (``exact``, or ``GENESIS_QUALITY``).
+    quality: Optional[str] = None
+
+    def _set_quality(self, quality: Optional[str]) -> None:
+        self.quality = None if quality is None else _quality.normalise(quality)
+
     def _attend(self, query, key, value, mask, backend) -> torch.Tensor:
         w = self.to_q.weight
         _check_tokens("query", query, self.query_dim, "query_dim", w)
@@ -111,7 +118,7 @@ class _Projected(nn.Module):
         q = self._heads(self.to_q(query))
         k = self._heads(self.to_k(key))
         v = self._heads(self.to_v(value))
-        out = attention(q, k, v, _key_mask(mask, b, n, m), backend=backend, layout="BNHD")
+        out = attention(q, k, v, _key_mask(mask, b, n, m), backend=backend, layout="BNHD", quality=self.quality)
         return self.to_out(out.reshape(b, n, self.num_heads * self.head_dim))
 
     def _weights(self, query, key, mask, max_bytes: int) -> torch.Tensor:
@@ -138,15 +145,18 @@ class CrossAttentionModule(_Projected, CrossAttentionInterface):
     """Multi-head cross-attention (image tokens attending to text tokens, Stable Diffusion style).
 
     ``CrossAttentionModule(query_dim, context_dim, num_heads, head_dim=None, dropout=0.0, bias=False,
-    backend="auto")``. ``forward(query [B, N, query_dim], key [B, M, context_dim], value=key,
+    backend="auto", quality=None)``. ``forward(query [B, N, query_dim], key [B, M, context_dim], value=key,
     mask=None) -> [B, N, query_dim]``. ``mask``: [B, M] key padding (True = attend), [B, N, M] or
-    [B, H, N, M], boolean or additive. ``dropout`` applies to the output projection.
+    [B, H, N, M], boolean or additive. ``dropout`` applies to the output projection. ``quality``: the budget
+    of its attention calls (``exact``, ``high``, ``fast``; None = the process default).
     """
 
     def __init__(self, query_dim: int, context_dim: int, num_heads: int, head_dim: Optional[int] = None,
-                 dropout: float = 0.0, bias: bool = False, backend: Union[AttentionType, str] = AttentionType.AUTO):
+                 dropout: float = 0.0, bias: bool = False, backend: Union[AttentionType, str] = AttentionType.AUTO,
+                 quality: Optional[str] = None):
         super().__init__(query_dim, context_dim, num_heads, head_dim, dropout, bias)
         self.backend = backend_name(backend)
+        self._set_quality(quality)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -165,20 +175,26 @@ class AdaptiveAttentionSwitch(_Projected):
     """Multi-head attention whose implementation can be switched at run time.
 
     ``AdaptiveAttentionSwitch(embed_dim, num_heads, default_type=AttentionType.AUTO, context_dim=None,
-    head_dim=None, dropout=0.0, bias=False, strict=False)``. ``forward(x [B, N, E], context=None,
-    mask=None)`` is self-attention, or cross-attention to ``context`` [B, M, context_dim].
+    head_dim=None, dropout=0.0, bias=False, strict=False, quality=None)``. ``forward(x [B, N, E], context=None,
+    mask=None)`` is self-attention, or cross-attention to ``context`` [B, M, context_dim]. ``quality`` (also
+    :meth:`set_quality`): the budget of its attention calls (``exact``, ``high``, ``fast``; None = default).
     Setting an unavailable type warns and calls resolve through the chain (type → sdpa → pytorch);
     with ``strict=True`` it raises instead.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, default_type: Union[AttentionType, str] = AttentionType.AUTO,
                  context_dim: Optional[int] = None, head_dim: Optional[int] = None, dropout: float = 0.0,
-                 bias: bool = False, strict: bool = False):
+                 bias: bool = False, strict: bool = False, quality: Optional[str] = None):
         super().__init__(embed_dim, embed_dim if context_dim is None else context_dim, num_heads, head_dim, dropout, bias)
         self.embed_dim = embed_dim
         self.strict = strict
         self.attention_type = AttentionType.AUTO
         self.set_attention_type(default_type)
+        self._set_quality(quality)
+
+    def set_quality(self, quality: Optional[str]) -> None:
+        """Set the quality budget of this switch's attention calls (None: the process default)."""
+        self._set_quality(quality)
 
     @staticmethod
     def get_available_attentions() -> List[AttentionType]:
@@ -224,7 +240,7 @@ class AdaptiveAttentionSwitch(_Projected):
         if isinstance(query, torch.Tensor) and query.dim() == 4:
             if isinstance(key, torch.Tensor) and key.dim() == 4:  # masks mean what they mean in forward()
                 mask = _key_mask(mask, query.shape[0], query.shape[2], key.shape[2])
-            return attention(query, key, value, mask, backend=name)
+            return attention(query, key, value, mask, backend=name, quality=self.quality)
         return self._attend(query, key, value, mask, name)
 
     @property

@@ -79,8 +79,15 @@ def refused_for(entry: dict, candidates: Sequence[str], level: str) -> Dict[str,
 def pick(entry: dict, servable: Sequence[str], level: str = "exact") -> Optional[str]:
     """The measured survivor that can serve this call under ``level`` (see :func:`prefer_default`), or None."""
     rejected = entry.get("rejected", {})
-    ok = [n for n in servable if n not in rejected]
-    if level != "exact":
-        refused = refused_for(entry, ok, level)
-        ok = [n for n in ok if n not in refused]
-    return prefer_default(entry.get("ms", {}), ok)
+    ok = [n for n in servable if n not in rejected and _admitted(n, level)]
+    refused = refused_for(entry, ok, level)
+    return prefer_default(entry.get("ms", {}), [n for n in ok if n not in refused])
+
+
+def _admitted(name: str, level: str) -> bool:
+    """Whether ``level`` admits the precision class of the backend called ``name`` (a name the registry does not
+    know has no class to refuse; dispatch never offers one)."""
+    try:
+        return quality.admits(level, registry.get(name).precision)
+    except KeyError:
+        return True
