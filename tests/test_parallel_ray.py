@@ -254,3 +254,24 @@ def _sampler_main():
 
     close_sessions()
     print("GENESIS_RESULT " + json.dumps(result), flush=True)
+
+
+def _where_and_double(x, fail_on=None):
+    import ray as _r
+
+    if fail_on is not None and int(x.flatten()[0]) == fail_on:
+        raise ValueError(f"refusing split starting with {fail_on}")
+    return _r.get_runtime_context().get_node_id(), x * 2
+
+
+def test_ray_parallel_execute_spreads_splits_over_both_nodes_in_order(driver):
+    from genesis_core.parallel.ray_placement import RayPlacementError, ray_parallel_execute
+
+    splits = [torch.full((3,), float(i)) for i in range(4)]
+    out = ray_parallel_execute(_where_and_double, splits, address=driver["address"], use_gpu=False)
+    assert [o[1].tolist() for o in out] == [[2.0 * i] * 3 for i in range(4)]  # results in split order
+    assert len({o[0] for o in out}) == 2  # SPREAD: both nodes served splits
+    with pytest.raises(RayPlacementError, match=r"(?s)1 of 4 split\(s\) failed.*split 2 on host .*refusing split "
+                                                r"starting with 2") as info:
+        ray_parallel_execute(_where_and_double, [(s, 2) for s in splits], address=driver["address"], use_gpu=False)
+    assert [f[0] for f in info.value.failures] == [2]
