@@ -130,3 +130,87 @@ def test_cuda_backend_runs_its_own_kernel(name, dtype):
     assert torch.equal(k, k_before), f"{name} modified its key input in place"
     tol = QUANTISED_TOL if name == "sage" else TOL[dtype]
     assert rel_err(out, reference_attention(q, k, v)) < tol
+
+
+# ------------------------------------------------------------------ the pytorch backend's memory bound
+
+def _bhnd(t, layout):
+    """t (BHND) as the BHND view of a [B, N, H, D] tensor where layout is BNHD (the strides ComfyUI hands in)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2) if layout == "BNHD" else t
+
+
+PEAK_CASES = {
+    # name: (batch, q heads, kv heads, head_dim, dtype, layout, mask kind)
+    "fp32-1head": (1, 1, 1, 16, torch.float32, "BHND", "none"),
+    "fp32-gqa-bnhd-bool": (2, 4, 2, 8, torch.float32, "BNHD", "bool"),
+    "fp64-additive-fp32-mask": (1, 2, 2, 8, torch.float64, "BHND", "additive"),
+    "bf16-additive": (1, 2, 1, 16, torch.bfloat16, "BHND", "additive"),
+    "fp16-bool": (1, 2, 2, 16, torch.float16, "BHND", "bool"),
+}
+HALF_GEMM_WORKSPACE = 4 * 2**20  # PyTorch's CPU half-precision GEMM packs operands (measured: 0.3-3.4 MiB)
+
+
+@pytest.mark.parametrize("n", [800, 1600, 2400])
+@pytest.mark.parametrize("case", list(PEAK_CASES))
+def test_pytorch_backend_peak_memory_stays_within_its_budget(case, n):
+    """What the pytorch backend allocates besides its output stays within its documented bound (the budget)
+    at every length, measured from the CPU allocator's events; the whole score matrix is many budgets."""
+    from torch_peak import peak_bytes
+
+    from genesis_core.attn.backends import pytorch as math_backend
+    from genesis_core.attn.types import AttentionCall
+
+    b, h, hkv, d, dtype, layout, mask_kind = PEAK_CASES[case]
+    budget = 2**20
+    q = _bhnd(torch.randn(b, h, n, d, dtype=dtype), layout)
+    k = _bhnd(torch.randn(b, hkv, n, d, dtype=dtype), layout)
+    v = _bhnd(torch.randn(b, hkv, n, d, dtype=dtype), layout)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(b, 1, n, n) > 0.3
+        mask[..., 0] = True
+    elif mask_kind == "additive":
+        mask = torch.randn(1, 1, n, n, dtype=torch.float32 if dtype == torch.float64 else dtype)
+    call = AttentionCall(q, k, v, mask, d ** -0.5)
+    with torch.no_grad():
+        peak, out = peak_bytes(lambda: math_backend.run(call, budget))
+    beyond = peak - out.numel() * out.element_size()
+    bound = budget + (HALF_GEMM_WORKSPACE if dtype in (torch.float16, torch.bfloat16) else 0)
+    assert b * h * n * n * 4 >= 2 * budget  # the float32 score matrix alone is over the budget
+    assert b * h * n * 32 < budget  # and one query row (two values of <= 8 bytes per score) is far below it
+    assert beyond <= bound, f"{case}, {n} tokens: {beyond / 2**20:.2f} MiB beyond the output, bound {bound / 2**20:.2f}"
+    # and it still computes attention (spot-check a few rows against float64)
+    rows = torch.tensor([0, n // 2, n - 1])
+    ref = reference_attention(q[:, :, rows], k, v, None if mask is None else mask[:, :, rows])
+    assert rel_err(out[:, :, rows], ref) < TOL[dtype] * 10
+
+
+@pytest.mark.parametrize("layout", ["BHND", "BNHD"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_pytorch_backend_small_blocks_match_reference(layout, mask_kind, dtype):
+    """Tiny budgets (one row per block, one batch item per block) give the same result as one block, with
+    GQA, every mask shape class and a different v head dim."""
+    from genesis_core.attn.backends import pytorch as math_backend
+    from genesis_core.attn.types import AttentionCall
+
+    b, h, hkv, nq, nk, d, dv = 2, 6, 3, 23, 17, 16, 8
+    q = _bhnd(torch.randn(b, h, nq, d, dtype=dtype), layout)
+    k = _bhnd(torch.randn(b, hkv, nk, d, dtype=dtype), layout)
+    v = _bhnd(torch.randn(b, hkv, nk, dv, dtype=dtype), layout)
+    masks = [None]
+    if mask_kind == "bool":
+        keep = torch.rand(b, h, nq, nk) > 0.4
+        keep[..., 0] = True
+        masks = [keep, keep[:1, :1], keep[:, :1, :1]]
+    elif mask_kind == "additive":
+        bias = torch.randn(b, h, nq, nk, dtype=dtype) * 3
+        masks = [bias, bias[:1, :, :1], bias[:, :1].float()]
+    for mask in masks:
+        call = AttentionCall(q, k, v, mask, 0.3)
+        ref = reference_attention(q, k, v, mask, scale=0.3)
+        for budget in (1, math_backend.block_bytes(call, 4, 1) + math_backend.fixed_bytes(call),
+                       math_backend.SCORE_BUDGET_BYTES):
+            out = math_backend.run(call, budget)
+            assert out.dtype == dtype and out.shape == (b, h, nq, dv)
+            assert rel_err(out, ref) < TOL[dtype], (budget, math_backend.plan(call, budget))

@@ -107,19 +107,23 @@ def test_pytorch_backend_chunks_queries_and_stays_exact():
     mask = torch.rand(37, 19) > 0.5
     mask[:, 0] = True
     call = AttentionCall(q, k, v, mask.view(1, 1, 37, 19), 8 ** -0.5)
-    budget = 2 * 19 * 4 * 5  # five query rows per block
+    # A budget for five query rows per block: the whole footprint of a block, and what the call holds throughout.
+    budget = math_backend.block_bytes(call, 5) + math_backend.fixed_bytes(call)
     assert math_backend.query_block(call, budget) == 5
+    assert math_backend.query_block(call, budget - 1) == 4
     out = math_backend.run(call, budget)
     assert torch.allclose(out.double(), reference_attention(q, k, v, mask), atol=1e-5)
 
 
 def test_pytorch_backend_block_bounds_32k_score_memory():
-    """A 32k x 32k call is processed in query blocks whose float32 scores fit the budget."""
+    """A 32k x 32k call is processed in query blocks whose whole footprint (at least the float32 scores and
+    their softmax, two float32 values per score) fits the budget."""
     q = torch.empty(1, 24, 32768, 128, device="meta")
     call = AttentionCall(q, q, q, None, 1.0)
     rows = math_backend.query_block(call)
     assert rows < 32768
-    assert rows * 24 * 32768 * 4 <= math_backend.SCORE_BUDGET_BYTES
+    assert math_backend.block_bytes(call, rows) <= math_backend.SCORE_BUDGET_BYTES
+    assert rows * 24 * 32768 * 4 * 2 <= math_backend.SCORE_BUDGET_BYTES
 
 
 # ------------------------------------------------------------------ unsupported reasons (every one)

@@ -2,7 +2,8 @@
 
 Availability is probed with a tiny real call on CUDA: an xformers wheel built for another torch
 imports fine, warns, and then has no operator for any input (seen on an H100 with torch 2.11 and
-xformers 0.0.35), so an import proves nothing.
+xformers 0.0.35), so an import proves nothing. Fully masked query rows (every key masked out) return 0, as in
+PyTorch's SDPA.
 """
 from __future__ import annotations
 
@@ -53,17 +54,23 @@ def _probe() -> Optional[str]:
 
 def run(call: AttentionCall) -> torch.Tensor:
     k, v = expand_kv(call)
-    bias = None
+    bias = dead = None
     if call.mask is not None:
         b, h, nq, nk = call.batch, call.heads, call.q_len, call.kv_len
         # xformers wants a dense bias in q's dtype whose rows are 8-element aligned: pad, then slice.
         padded = torch.empty((b, h, nq, (nk + 7) // 8 * 8), dtype=call.dtype, device=call.device)
         bias = padded[..., :nk]
         bias.copy_(additive_mask(call.mask, call.dtype).expand(b, h, nq, nk))
+        # A row that is -inf on every key (in q's dtype) is NaN in a softmax kernel, xformers' too; Genesis' rule,
+        # PyTorch SDPA's, is 0. Such rows get a zero bias (a finite softmax, finite gradients) and a zeroed output.
+        dead = bias.amax(-1, keepdim=True) == float("-inf")
+        bias.masked_fill_(dead, 0.0)
     out = _ops.memory_efficient_attention(
         call.q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, scale=call.scale
-    )
-    return out.transpose(1, 2)
+    ).transpose(1, 2)
+    if dead is not None:  # out of place where autograd records: xformers' backward reads its own output
+        out = out.masked_fill(dead, 0.0) if out.requires_grad else out.masked_fill_(dead, 0.0)
+    return out
 
 
 backend = register(
