@@ -9,17 +9,13 @@ Quick tour (the spec's section 2)::
     ys = ex.parallel_execute(fn, [x1, x2], [ComputeBackend.CPU, "cuda"])
     y = ex.split_execute(fn, x, ["cpu", "cuda"], dim=0)           # split by measured throughput, gathered
 
-Workers (``workers.py``). Each registration is a *worker* with a name (default: the backend's value,
-``"cpu"``); pass ``name=`` to register one backend several times (``cuda:1``, or several CPU workers standing
-in for devices in tests). Everywhere a backend is asked for, a ``ComputeBackend``, its value or a worker name
-works. A torch backend that detection found (``cpu``, ``cuda``, ``mps``, ``npu``, ``rocm``) can be named
-without registering it: it runs on that backend's first device. ONNX Runtime and WebGPU take runtime options
-and are registered first.
-
-How a batch is split (``split_plan.py``): the throughput fits, their calibration state and the cut.
-Models captured by ``fn`` run where the data runs: see ``placement.py`` for the mechanism (discovered,
-replicated once per device, swapped in thread-locally) and :meth:`HeterogeneousExecutor.place` for the
-explicit, zero-overhead alternative. This module is the public API: registration, execution, telemetry.
+This module is the public API (registration, execution, telemetry). Each registration is a *worker*
+(``workers.py``) with a name (default: the backend's value); ``name=`` registers one backend several times.
+Everywhere a backend is asked for, a ``ComputeBackend``, its value or a worker name works; a detected torch
+backend (``cpu``, ``cuda``, ``mps``, ``npu``, ``rocm``) works unregistered, on its first device (ONNX Runtime
+and WebGPU take runtime options: register them). ``split_plan.py`` divides a batch by measured throughput;
+``placement.py`` runs models captured by ``fn`` where the data runs (:meth:`HeterogeneousExecutor.place`
+is the explicit, zero-overhead alternative).
 """
 from __future__ import annotations
 
@@ -34,44 +30,16 @@ from .._device import synchronize
 from .._log import log_once, logger
 from ._tree import first_tensor, map_tensors
 from .backends import TORCH_DEVICE_TYPE, ComputeBackend, available_backends, backend_status
+from .errors import BackendNotRegisteredError, BackendUnavailableError, ParallelExecutionError
 from .placement import ReplicaCache, ReplicaMode, reachable_modules
-from .split_plan import (SplitPlanner, batch_args, calibration_key, gather, owns_memory, plan_shares,
-                         slice_args)
-from .workers import (INPUT, ONNX_OPTIONS, THREADS_PER_WORKER, BackendLike, BackendUnavailableError, DeviceLike,
-                      Worker, build_worker, current_worker, prepare, return_target, run_jobs)
+from .split_plan import SplitPlanner, batch_args, calibration_key, gather, owns_memory, plan_shares, slice_args
+from .workers import (INPUT, THREADS_PER_WORKER, BackendLike, DeviceLike, Worker, build_worker, current_worker,
+                      detected_worker, prepare, return_target, run_jobs)
 from .workers import local as _local
 from .workers import mover as _mover
 
-__all__ = [
-    "BackendLike", "BackendNotRegisteredError", "BackendUnavailableError", "DeviceLike", "HeterogeneousExecutor",
-    "INPUT", "ParallelExecutionError", "THREADS_PER_WORKER", "Worker", "current_worker", "plan_shares",
-]
-_ONNX_OPTIONS = ONNX_OPTIONS
-
-
-class BackendNotRegisteredError(KeyError, ValueError):
-    """A backend or worker name this executor cannot serve: neither registered nor a detected torch backend.
-
-    The message lists the registered workers and the backends usable without registering. A ``KeyError``
-    (what earlier versions raised, so ``except KeyError`` still works) and a ``ValueError`` (a bad argument),
-    whose text reads as a sentence rather than a quoted key.
-    """
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-class ParallelExecutionError(RuntimeError):
-    """One or more splits of a parallel run failed; raised after every split finished.
-
-    ``failures`` lists ``(split index, worker name, exception)``; ``results`` holds the successful results
-    in split order (``None`` where a split failed).
-    """
-
-    def __init__(self, failures: List[Tuple[int, str, BaseException]], results: List[Any], total: int) -> None:
-        self.failures, self.results = failures, results
-        parts = [f"split {i} on backend {name!r}: {type(e).__name__}: {e}" for i, name, e in failures]
-        super().__init__(f"{len(failures)} of {total} splits failed - " + "; ".join(parts))
+__all__ = ["BackendLike", "BackendNotRegisteredError", "BackendUnavailableError", "DeviceLike", "HeterogeneousExecutor",
+           "INPUT", "ParallelExecutionError", "THREADS_PER_WORKER", "Worker", "current_worker", "plan_shares"]
 
 
 class HeterogeneousExecutor:
@@ -174,15 +142,10 @@ class HeterogeneousExecutor:
     def _unregistered(self, backend: BackendLike, key: str, detected: bool) -> Worker:
         """With ``detected``, a worker for the unregistered torch backend ``key`` when detection found it (made
         once, on its first device; lock held); else the error saying what this executor can serve."""
-        b = next((m for m in ComputeBackend if key in (m.value, m.name.lower())), None)
-        why = ""
-        if b is not None and detected:
-            status = backend_status(b)
-            if b in TORCH_DEVICE_TYPE and status.available:
-                self._detected[key] = worker = build_worker(b.value, b, None, status, {})
-                return worker
-            why = (f" and runs only once registered (ComputeBackend.{b.name} takes runtime options)"
-                   if status.available else f" and is not available here: {status.reason or 'not detected'}")
+        worker, why = detected_worker(key) if detected else (None, "")
+        if worker is not None:
+            self._detected[key] = worker
+            return worker
         registered = ", ".join(repr(n) for n in self._workers) or "none"
         usable = ", ".join(m.value for m in available_backends() if m in TORCH_DEVICE_TYPE) or "none"
         raise BackendNotRegisteredError(

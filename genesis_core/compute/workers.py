@@ -4,6 +4,7 @@
   telemetry (its row of ``stats()``); up to ``THREADS_PER_WORKER`` threads kept for the executor's life (started with the worker's
   CUDA device current);
 * :func:`build_worker`: a Worker from ``register_backend``'s arguments, with their checks;
+  :func:`detected_worker`: one for a detected torch backend used without registering;
 * :func:`run_jobs`: ``job(i)`` for every worker at once, each on a free thread of its worker's own or on a
   fresh one, every exception collected;
 * where tensors go: :func:`mover`, :func:`return_target`, :func:`prepare` (a split's arguments moved off
@@ -22,6 +23,7 @@ import torch
 
 from ._tree import first_tensor, map_tensors
 from .backends import TORCH_DEVICE_TYPE, BackendStatus, ComputeBackend, available_backends, backend_status
+from .errors import BackendUnavailableError
 
 BackendLike = Union[ComputeBackend, str]
 DeviceLike = Union[torch.device, str, int, None]
@@ -31,16 +33,6 @@ ONNX_OPTIONS = ("providers", "provider_options", "cache_dir", "opset_version", "
                 "log_severity", "session_config")
 
 local = threading.local()  # .worker: the name of the worker running this thread's function
-
-
-class BackendUnavailableError(RuntimeError):
-    """A backend was asked for that detection found missing. Carries ``backend``, ``reason``, ``available``."""
-
-    def __init__(self, backend: ComputeBackend, reason: str, available: Sequence[ComputeBackend]) -> None:
-        self.backend, self.reason, self.available = backend, reason, list(available)
-        names = ", ".join(b.value for b in self.available) or "none"
-        super().__init__(f"ComputeBackend.{backend.name} is not available here: {reason}. "
-                         f"Available backends: {names}.")
 
 
 def current_worker() -> Optional[str]:
@@ -183,6 +175,20 @@ def build_worker(key: str, b: ComputeBackend, device: DeviceLike, status: Backen
             raise TypeError(f"ComputeBackend.{b.name} takes no options; got {', '.join(sorted(options))}")
         return Worker(key, b, torch_device(b, device, status))
     return _runtime_worker(key, b, device, status, options)
+
+
+def detected_worker(key: str) -> Tuple[Optional[Worker], str]:
+    """A worker for the torch backend named ``key`` on its first device when detection found it, else
+    (None, why not, as a clause: "" when ``key`` names no backend)."""
+    b = next((m for m in ComputeBackend if key in (m.value, m.name.lower())), None)
+    if b is None:
+        return None, ""
+    status = backend_status(b)
+    if b in TORCH_DEVICE_TYPE and status.available:
+        return build_worker(b.value, b, None, status, {}), ""
+    if status.available:
+        return None, f" and runs only once registered (ComputeBackend.{b.name} takes runtime options)"
+    return None, f" and is not available here: {status.reason or 'not detected'}"
 
 
 def torch_device(b: ComputeBackend, device: DeviceLike, status: BackendStatus) -> torch.device:
