@@ -139,7 +139,7 @@ def _call(device="meta", dtype=torch.float16, d=64, dv=None, mask=False, nk=128,
 @pytest.mark.parametrize(
     "backend, call, pattern",
     [
-        ("sage", _call(d=40), r"head_dim 40 not supported: needs one of \(64, 96, 128\)"),
+        ("sage", _call(d=192), r"head_dim 192 not supported: needs <= 128"),
         ("sage", _call(dtype=torch.float32), r"dtype float32 not supported: needs one of \(float16, bfloat16\)"),
         ("sage", _call(dv=32), r"v head_dim 32 not supported: needs v head_dim equal to q/k head_dim 64"),
         ("sage", _call(mask=True), r"mask \(bool\) not supported: needs no mask"),

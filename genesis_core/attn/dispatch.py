@@ -171,7 +171,9 @@ def effective_quality(name: str, quality: Optional[str]) -> str:
         return _quality.normalise(quality)
     if name == "auto":
         return _quality.default()
-    return _quality.loosest_for(registry.get(name).precision)
+    b = registry.get(name)
+    b.available()  # a backend's precision class may be known only once probed (SageAttention's umbrella)
+    return _quality.loosest_for(b.precision)
 
 
 def _over_budget(b: registry.Backend, level: str) -> Optional[str]:

@@ -35,8 +35,8 @@ from ..types import AttentionCall
 from .switches import budget_ms
 
 # Try likely-fast kernels first so the budget and the slow cut-off spare the reference kernels.
-PREFERRED_ORDER = ("sdpa", "sdpa_cudnn", "sdpa_flash", "flash", "fa3", "fa4", "fa2", "sage", "xformers",
-                   "sdpa_efficient")
+PREFERRED_ORDER = ("sdpa", "sdpa_cudnn", "sdpa_flash", "flash", "fa3", "fa4", "fa2", "sage", "sage2_fp8",
+                   "sage2_fp16", "sage2_triton", "xformers", "sdpa_efficient")
 REFERENCE_KERNELS = ("pytorch", "sdpa_math")
 SLOW_FACTOR = 4.0
 MIN_REPS, MAX_REPS = 3, 15

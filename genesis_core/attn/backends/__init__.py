@@ -2,4 +2,4 @@
 
 Registry order is data: each file registers with a rank (see registry.register), not import order.
 """
-from . import flash, pytorch, sage, sdpa, xformers  # noqa: F401  (registration side effects)
+from . import fa2, fa3, fa4, flash, pytorch, sage, sage2, sdpa, xformers  # noqa: F401  (registration side effects)

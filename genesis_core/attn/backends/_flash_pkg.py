@@ -19,7 +19,7 @@ import importlib.util
 import os
 import sys
 from types import ModuleType
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -204,17 +204,22 @@ def probe_inputs(device, dtype: torch.dtype, batch: int = 1, tokens: int = 128, 
                  head_dim: int = 64, seed: int = 0) -> AttentionCall:
     """A tiny call made as ComfyUI makes its inputs: contiguous [B, N, H, D] tensors, seen as BHND views."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    shapes = ((batch, tokens, heads, head_dim), (batch, tokens, kv_heads, head_dim), (batch, tokens, kv_heads, head_dim))
-    q, k, v = (torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in shapes)
+    kv = (batch, tokens, kv_heads, head_dim)
+    q, k, v = (torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in ((batch, tokens, heads, head_dim), kv, kv))
     return AttentionCall(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, head_dim ** -0.5)
 
 
 def probe_call(run: Callable[[AttentionCall], torch.Tensor], device, dtype: torch.dtype, max_rel: float,
-               head_dim: int = 64, heads: int = 2, kv_heads: int = 2, tokens: int = 128) -> Optional[str]:
+               head_dim: int = 64, heads: int = 2, kv_heads: int = 2, tokens: int = 128,
+               refusal: Optional[Callable[[AttentionCall], Optional[str]]] = None) -> Optional[str]:
     """Run ``run`` once on a tiny call on ``device`` (memory poisoned first) and say why its result cannot be
-    trusted (an exception, a wrong shape, unwritten or wrong output), or None when it matches float64."""
+    trusted (an exception, a wrong shape, unwritten or wrong output), or None when it matches float64.
+    ``refusal`` (the backend's limits check) is asked first: a device outside them is named, nothing runs."""
     device = torch.device(device)
     call = probe_inputs(device, dtype, tokens=tokens, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    why = refusal(call) if refusal is not None else None
+    if why is not None:
+        return f"cannot run here: {why}"
     ref = reference(call)
     k_before = call.k.clone()
     numel = call.batch * call.heads * call.q_len * call.v_head_dim
@@ -231,16 +236,22 @@ def probe_call(run: Callable[[AttentionCall], torch.Tensor], device, dtype: torc
     return why
 
 
-def first_ok(reasons: Sequence[Tuple[str, Optional[str]]]) -> Optional[str]:
-    """The name of the first (name, reason) pair whose reason is None."""
-    for name, reason in reasons:
-        if reason is None:
-            return name
-    return None
+def run_bnhd(fn: Callable[..., object], call: AttentionCall) -> torch.Tensor:
+    """``fn(q, k, v, softmax_scale=...)`` on the call's [B, N, H, D] views; its output as a BHND view."""
+    out = first(fn(bnhd(call.q), bnhd(call.k), bnhd(call.v), softmax_scale=call.scale))
+    return out.transpose(1, 2)
+
+
+def direct_bnhd(fn: Callable[..., object]) -> Callable[..., torch.Tensor]:
+    """A plain ``f(q, k, v)`` on BHND views with the default scale: ``fn`` on their [B, N, H, D] views."""
+    def direct(q, k, v):
+        return first(fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))).transpose(1, 2)
+
+    return direct
 
 
 __all__ = [
-    "FA3_MODULES", "add_cutlass_dsl_path", "bnhd", "dist_version", "fa3_build_flags", "fa3_installed", "fa3_module",
-    "fa3_version", "first", "installed", "natural_bnhd", "poisoned_memory", "probe_call", "probe_device",
-    "probe_inputs", "reference", "verdict",
+    "FA3_MODULES", "add_cutlass_dsl_path", "bnhd", "direct_bnhd", "dist_version", "fa3_build_flags", "fa3_installed",
+    "fa3_module", "fa3_version", "first", "installed", "natural_bnhd", "poisoned_memory", "probe_call", "probe_device",
+    "probe_inputs", "reference", "run_bnhd", "verdict",
 ]
