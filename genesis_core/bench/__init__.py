@@ -14,7 +14,8 @@ Sections (``--section``, comma-separated; default all), one module each:
 * ``executor``: the executor's own rows (``genesis_core.compute.bench``).
 
 ``cli.py`` parses the arguments, says how long the run will take (``estimate.py``) and runs the sections;
-``report.py`` prints (at most 100 columns, a PASS/FAIL verdict beside every target); ``plot.py`` draws ``--plot``.
+``report.py`` prints (at most 100 columns, a PASS/FAIL verdict beside every target); ``plot.py`` draws
+``--plot``.
 Timing primitives are shared with the autotuner (``genesis_core._timing``). Defaults follow the device:
 the diffusion shape set in bf16 on CUDA, small shapes in float32 on CPU. This package only re-exports.
 """

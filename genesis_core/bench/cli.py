@@ -193,4 +193,6 @@ class _SectionClock:
 
 
 def _seconds(s: float) -> str:
+    if s < 0.1:
+        return "under 0.1 s"
     return f"{s:.1f} s" if s < 10 else f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
