@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from ..genesis_core._memory import over_limit
 from ..genesis_core.comfyui import ComfyUINodeInterface, register_comfyui_node
 from ._common import TENSOR, check_tensor, describe_value, input_error, tooltip
 
@@ -127,22 +128,80 @@ class GenesisRandomTensor(ComfyUINodeInterface):
         }
 
     def execute(self, batch=1, tokens=64, dim=64, seed=0):
+        b, n, d = int(batch), int(tokens), int(dim)
+        # Checked before the allocator sees it: at the widget maxima this is 32 GiB.
+        why = over_limit(b * n * d * 4, "cpu")
+        if why:
+            raise ValueError(f"GenesisRandomTensor: a float32 tensor of batch x tokens x dim = {b} x {n} x {d} "
+                             f"needs {why}; lower batch, tokens or dim")
         gen = torch.Generator().manual_seed(int(seed))
-        return (torch.randn(int(batch), int(tokens), int(dim), generator=gen),)
+        return (torch.randn(b, n, d, generator=gen),)
+
+
+STATS_CHUNK = 1 << 20  # elements per step of tensor_summary: its temporaries stay near 20 MiB at any size
+
+
+def _chunks(x: torch.Tensor, n: int):
+    """``x``'s elements as 1-D pieces of at most ``n`` (views where x is contiguous, else copies of <= n)."""
+    if x.numel() <= n or x.dim() == 0:
+        yield x.reshape(-1)
+    elif x.is_contiguous():
+        flat = x.view(-1)
+        for i in range(0, flat.numel(), n):
+            yield flat[i:i + n]
+    else:
+        per = x[0].numel()
+        if per > n:
+            for i in range(x.shape[0]):
+                yield from _chunks(x[i], n)
+        else:
+            step = max(1, n // max(per, 1))
+            for i in range(0, x.shape[0], step):
+                yield x[i:i + step].reshape(-1)
+
+
+def tensor_stats(x: torch.Tensor, chunk: int = STATS_CHUNK) -> dict:
+    """min, max and mean of the finite values (None where there are none), the NaN count and the finite count,
+    in bounded memory: ``chunk`` elements at a time, reductions only (no boolean indexing, which builds int64
+    indices and a copy: about 7x the input)."""
+    lo, hi, total, count, nans = math.inf, -math.inf, 0.0, 0, 0
+    if x.is_complex():
+        x = torch.view_as_real(x)  # the real and imaginary parts (a view)
+    floating = x.is_floating_point()
+    for c in _chunks(x.detach(), chunk):
+        if floating:
+            finite = torch.isfinite(c)
+            k = int(finite.sum())
+            nans += int(torch.isnan(c).sum())
+            if k == 0:
+                continue
+            if k < c.numel():
+                lo = min(lo, float(torch.where(finite, c, math.inf).min()))
+                hi = max(hi, float(torch.where(finite, c, -math.inf).max()))
+                total += float(torch.where(finite, c, 0).sum(dtype=torch.float64))
+            else:
+                lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
+                total += float(c.sum(dtype=torch.float64))
+            count += k
+        elif c.numel():
+            lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
+            total += float(c.sum(dtype=torch.float64))
+            count += c.numel()
+    if not count:
+        return {"min": None, "max": None, "mean": None, "nan": nans, "finite": 0}
+    return {"min": lo, "max": hi, "mean": total / count, "nan": nans, "finite": count}
 
 
 def tensor_summary(x: torch.Tensor) -> str:
-    """Two lines: shape, dtype, device; then min/max/mean and NaN count."""
+    """Two lines: shape, dtype, device; then min/max/mean and NaN count (bounded memory: :func:`tensor_stats`)."""
     shape = "x".join(str(s) for s in x.shape) or "scalar"
     dtype = str(x.dtype).replace("torch.", "")
-    nans = int(torch.isnan(x).sum()) if x.is_floating_point() else 0
-    finite = x[torch.isfinite(x)] if x.is_floating_point() else x
-    if finite.numel():
-        f = finite.double()
-        stats = f"min {f.min().item():.4g}  max {f.max().item():.4g}  mean {f.mean().item():.4g}"
+    st = tensor_stats(x)
+    if st["finite"]:
+        stats = f"min {st['min']:.4g}  max {st['max']:.4g}  mean {st['mean']:.4g}"
     else:
         stats = "no finite values"
-    return f"shape [{shape}]  {dtype}  {x.device}\n{stats}  NaN {nans}"
+    return f"shape [{shape}]  {dtype}  {x.device}\n{stats}  NaN {st['nan']}"
 
 
 @register_comfyui_node("GenesisTensorInfo", display_name="Genesis Tensor Info")

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..genesis_core._memory import over_limit
 from ..genesis_core.attn.modules import CrossAttentionModule
 from ..genesis_core.comfyui import ComfyUINodeInterface, register_comfyui_node
 from ._common import ATTENTION_CHOICES, GENESIS_BACKEND, TENSOR, BackendChoice, check_tensor, run_on_backend, tooltip
@@ -138,6 +139,13 @@ class GenesisAttentionMap(ComfyUINodeInterface):
     def execute(self, query, context, num_heads=4, seed=0, mask=None):
         node = "GenesisAttentionMap"
         query, context, mask = _inputs(node, query, context, mask)
+        # The map materialises [B, H, N, M] float32 weights (two of them at the softmax): checked before the
+        # allocator sees it, since num_heads multiplies the inputs' sizes.
+        b, n, m = query.shape[0], query.shape[1], context.shape[1]
+        why = over_limit(2 * b * int(num_heads) * n * m * 4, query.device)
+        if why:
+            raise ValueError(f"{node}: attention weights [B={b}, H={num_heads}, N={n}, M={m}] in float32 (twice, "
+                             f"at the softmax) need {why}; lower num_heads, or use fewer query or context tokens")
         module = build_module(node, query, context, num_heads, "auto", seed)
         with torch.inference_mode():
             weights = module.compute_attention_weights(query, context, mask=mask)

@@ -214,3 +214,30 @@ def test_pytorch_backend_small_blocks_match_reference(layout, mask_kind, dtype):
             out = math_backend.run(call, budget)
             assert out.dtype == dtype and out.shape == (b, h, nq, dv)
             assert rel_err(out, ref) < TOL[dtype], (budget, math_backend.plan(call, budget))
+
+
+# ------------------------------------------------------------------ explicit choices pass the memory guard
+
+def test_explicit_sdpa_math_refuses_scores_that_do_not_fit_and_falls_back_once(monkeypatch, genesis_log):
+    """sdpa_math materialises the [B, H, Nq, Nk] scores; chosen explicitly on a device without room for them
+    (here: 1 MiB free), it is skipped for sdpa with the reason logged once, and the answer is still right."""
+    from genesis_core import _memory
+    from genesis_core.attn import clear_plans
+
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**20)
+    clear_plans()
+    q, k, v = (torch.randn(1, 2, 301, 16) for _ in range(3))  # scores + softmax: 2 x 301^2 x 8 B = 2.8 MiB
+    try:
+        for _ in range(3):
+            out = attention(q, k, v, backend="sdpa_math")
+            assert last_backend() == "sdpa"
+            assert rel_err(out, reference_attention(q, k, v)) < TOL[torch.float32]
+        said = [m for m in genesis_log if "'sdpa_math' skipped" in m]
+        assert len(said) == 1, genesis_log
+        assert "attention scores" in said[0] and "free on cpu" in said[0] and "using 'sdpa'" in said[0]
+        monkeypatch.setattr(_memory, "available_bytes", lambda device: 2**34)  # room again: it serves itself
+        clear_plans()
+        attention(q, k, v, backend="sdpa_math")
+        assert last_backend() == "sdpa_math"
+    finally:
+        clear_plans()

@@ -187,3 +187,136 @@ def test_attention_switch_rejects_what_is_not_a_model_and_unknown_choices():
     fake = type("M", (), {"clone": lambda self: self, "model_options": {}})()
     with pytest.raises(ValueError, match="GenesisAttentionSwitch: input 'attention': unknown attention backend 'warp'"):
         run("GenesisAttentionSwitch", model=fake, attention="warp")
+
+
+# ------------------------------------------------------------------ bounded memory and size pre-checks
+
+def _module_of(node_name):
+    import sys
+
+    return sys.modules[N[node_name].__module__]
+
+
+def test_tensor_info_statistics_in_bounded_memory():
+    """A 64 MiB tensor is summarised with about 20 MiB of temporaries at most (the old boolean indexing asked for
+    ~5x the input: a mask, int64 indices, the copy and its float64 cast), measured from the CPU allocator."""
+    from torch_peak import peak_bytes
+
+    x = torch.randn(4, 4096, 1024)
+    x[0, 0, :5] = float("nan")
+    x[1, 2, 3] = float("inf")
+    x[3, 9, 9] = -float("inf")
+    peak, res = peak_bytes(lambda: run("GenesisTensorInfo", tensor=x))
+    assert peak <= 24 * 2**20, f"Tensor Info allocated {peak / 2**20:.0f} MiB for a 64 MiB input"
+    finite = x[torch.isfinite(x)].double()
+    text = res["result"][0]
+    assert f"min {finite.min().item():.4g}" in text and f"max {finite.max().item():.4g}" in text
+    assert f"mean {finite.mean().item():.4g}" in text and "NaN 5" in text
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(5, 6, 7),
+    lambda: torch.randn(7, 6, 5).permute(2, 1, 0),  # not contiguous: pieces are copied, never the whole tensor
+    lambda: torch.randn(3, 40)[:, ::3],
+    lambda: torch.randn(2, 3, 4, dtype=torch.float16),
+    lambda: torch.randint(-50, 50, (6, 9)),
+    lambda: torch.rand(4, 5) > 0.5,
+    lambda: torch.randn(3, 4, dtype=torch.complex64),
+])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
+def test_tensor_info_statistics_match_a_direct_computation(make, chunk):
+    stats = _module_of("GenesisTensorInfo").tensor_stats
+    x = make()
+    if x.is_floating_point():
+        x[torch.rand(x.shape) < 0.2] = float("nan")
+        x[torch.rand(x.shape) < 0.1] = float("inf")
+    st = stats(x, chunk)
+    ref = torch.view_as_real(x) if x.is_complex() else x
+    ref = ref.double()
+    ok = torch.isfinite(ref)
+    assert st["nan"] == int(torch.isnan(ref).sum()) and st["finite"] == int(ok.sum())
+    assert st["min"] == ref[ok].min().item() and st["max"] == ref[ok].max().item()
+    assert math.isclose(st["mean"], ref[ok].mean().item(), rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_tensor_info_with_no_finite_value():
+    res = run("GenesisTensorInfo", tensor=torch.full((3, 3), float("nan")))
+    assert "no finite values" in res["result"][0] and "NaN 9" in res["result"][0]
+
+
+def _fake_free(monkeypatch, free_bytes):
+    """Make the pack's memory helper (the pack's own copy of genesis_core._memory) report ``free_bytes`` free."""
+    import importlib
+
+    mem = importlib.import_module(pack.__name__ + ".genesis_core._memory")
+    monkeypatch.setattr(mem, "available_bytes", lambda device: free_bytes)
+
+
+def _no_big_allocation(monkeypatch, limit=2**30):
+    """Fail the test instead of allocating when a torch factory is asked for more than ``limit`` bytes."""
+    for name in ("randn", "empty", "zeros"):
+        real = getattr(torch, name)
+
+        def guarded(*size, _real=real, _name=name, **kw):
+            dims = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+            if all(isinstance(d, int) for d in dims) and math.prod(dims) * 4 > limit:
+                raise AssertionError(f"torch.{_name}{tuple(dims)} reached the allocator")
+            return _real(*size, **kw)
+
+        monkeypatch.setattr(torch, name, guarded)
+
+
+def test_random_tensor_refuses_sizes_over_the_free_memory_before_allocating(monkeypatch):
+    _fake_free(monkeypatch, 8 * 2**30)
+    _no_big_allocation(monkeypatch)
+    with pytest.raises(ValueError) as err:
+        run("GenesisRandomTensor", batch=64, tokens=16384, dim=8192, seed=0)  # the widget maxima: 32 GiB
+    msg = str(err.value)
+    assert msg.startswith("GenesisRandomTensor: ") and "64 x 16384 x 8192" in msg
+    assert "needs 32.00 GiB, over the limit of 6.40 GiB on cpu (80% of the 8.00 GiB free)" in msg
+    assert "lower batch, tokens or dim" in msg
+    (t,) = run("GenesisRandomTensor", batch=2, tokens=8, dim=4, seed=1)  # what fits still runs
+    assert t.shape == (2, 8, 4)
+
+
+def test_random_tensor_runs_when_free_memory_is_unknown(monkeypatch):
+    _fake_free(monkeypatch, None)
+    (t,) = run("GenesisRandomTensor", batch=1, tokens=3, dim=2, seed=0)
+    assert t.shape == (1, 3, 2)
+
+
+def test_attention_map_refuses_weights_over_the_free_memory_before_allocating(monkeypatch):
+    _fake_free(monkeypatch, 64 * 2**20)
+    q, c = torch.randn(2, 1024, 128), torch.randn(2, 512, 16)
+    with pytest.raises(ValueError) as err:  # 2 x [2, 128, 1024, 512] float32 = 1 GiB
+        run("GenesisAttentionMap", query=q, context=c, num_heads=128, seed=0)
+    msg = str(err.value)
+    assert msg.startswith("GenesisAttentionMap: ") and "H=128" in msg
+    assert "need 1.00 GiB, over the limit of 0.05 GiB on cpu" in msg
+    assert "lower num_heads" in msg
+    image, weights = run("GenesisAttentionMap", query=q[:, :8], context=c[:, :4], num_heads=2, seed=0)
+    assert weights.shape == (2, 2, 8, 4)
+
+
+def test_cgroup_limit_caps_free_memory(tmp_path):
+    """In a container the cgroup limit, not the host's MemAvailable, is what a process can still allocate."""
+    from genesis_core import _memory
+
+    v2 = tmp_path / "v2"
+    (v2 / "app").mkdir(parents=True)
+    (v2 / "app" / "memory.max").write_text("4294967296\n")
+    (v2 / "app" / "memory.current").write_text("3221225472\n")
+    (v2 / "app" / "memory.stat").write_text("anon 1\ninactive_file 536870912\n")
+    (v2 / "memory.max").write_text("max\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/app\n")
+    assert _memory.cgroup_headroom(str(proc), str(v2)) == 2**30 + 2**29  # 4 GiB - 3 GiB used + 0.5 GiB cache
+    v1 = tmp_path / "v1" / "memory" / "docker" / "abc"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("2147483648\n")
+    (v1 / "memory.usage_in_bytes").write_text("1073741824\n")
+    (v1.parent / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # no limit above
+    proc.write_text("12:pids:/docker/abc\n4:memory:/docker/abc\n")
+    assert _memory.cgroup_headroom(str(proc), str(tmp_path / "v1")) == 2**30
+    proc.write_text("4:memory:/\n")
+    assert _memory.cgroup_headroom(str(proc), str(tmp_path / "nowhere")) is None
