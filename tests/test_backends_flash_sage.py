@@ -535,3 +535,21 @@ def test_kernels_gpu_script_dry_run_on_cpu(tmp_path, capsys):
     ok = [r for r in result["shapes"] if r["status"] == "ok"]
     assert {r["shape"] for r in ok} == {"flux", "wan480", "wan720", "sdxl"} and all(r["rel_l2"] < 2e-2 for r in ok)
     assert "ratio vs sdpa" in printed and "sdpa (plain)" in printed
+
+
+def test_kernels_gpu_script_measures_the_backends_that_run(tmp_path, capsys, fakes):
+    """The dry run with faked FA3 and SageAttention 2 packages: every path of the script runs (timing, errors,
+    the FA4 table, sage through dispatch against the raw kernel)."""
+    fakes.fa3(Recorder())
+    fakes.sage(sage2_module())
+    spec = importlib.util.spec_from_file_location("kernels_gpu", REPO / "scripts/gpu/kernels_gpu.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--cpu-dry-run", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "kernels_gpu.json").read_text())
+    ok = {(r["shape"], r["backend"]) for r in result["shapes"] if r["status"] == "ok"}
+    assert {("flux", "fa3"), ("flux", "sage"), ("sdxl", "sage2_triton"), ("wan720", "sage2_fp8")} <= ok, ok
+    assert ("wan720", "sage2_fp16") not in ok  # the big shape times only what the comparison needs
+    paths = [r for r in result["sage_dispatch"] if r["status"] == "ok"]
+    assert len(paths) == 6 and all(r["ms"] > 0 for r in paths)
+    assert "old Genesis path" in capsys.readouterr().out

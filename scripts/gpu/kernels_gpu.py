@@ -10,8 +10,8 @@ contiguous [B, N, H, D], every kernel handed the [B, H, N, D] transposed views t
 call's cost (FA4 compiles each new configuration there), the error against a float64 slice (relative L2,
 cosine), and the median of >= 20 CUDA-event timings after warm-up (fewer on Wan 720p), with plain
 ``F.scaled_dot_product_attention`` on the same views as the baseline (ratio > 1: faster than SDPA). Last, ``sage``
-through Genesis dispatch against the raw ``sageattn`` call and against the smoothed-copy path Genesis used for
-1.x (the copy's cost). Every kernel runs under a time limit and in a try/except: one failure is reported and
+through Genesis dispatch against the raw ``sageattn`` call and against the path Genesis took before (BHND views
+and a smoothed copy of k, made for 1.x). Every kernel runs under a time limit and in a try/except: one failure is reported and
 the script goes on. Writes kernels_gpu.json under --out and prints a short table last.
 
 ``--cpu-dry-run``: the same logic on tiny CPU shapes with whatever backends serve there (the CI runs it).
@@ -175,13 +175,15 @@ def sage_dispatch_section(shapes, device, dtype, deadline):
             rows.append({"shape": sname, "status": "skipped", "note": "script time budget spent"})
             continue
         q, k, v = inputs(shape, device, dtype, seed=7)
+        qv, kv, vv = (t.transpose(1, 2) for t in (q, k, v))
         reps = shape[4]
         fns = {
             "raw sageattn(NHD)": lambda: raw(q, k, v, tensor_layout="NHD", is_causal=False),
             "genesis attention(backend='sage', BNHD)": lambda: attention(q, k, v, backend="sage", layout="BNHD",
                                                                           quality="fast"),
-            "raw + smoothed copy of k (Genesis before)": lambda: raw(q, k - k.mean(dim=1, keepdim=True), v,
-                                                                     tensor_layout="NHD", is_causal=False),
+            # what Genesis did before: BHND views as "HND", and a smoothed copy of k (made for 1.x)
+            "old Genesis path (HND views + copy of k)": lambda: raw(qv, kv - kv.mean(dim=2, keepdim=True), vv,
+                                                                   tensor_layout="HND", is_causal=False),
         }
         try:
             with time_limit(KERNEL_LIMIT_S), torch.no_grad():
