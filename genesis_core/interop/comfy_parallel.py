@@ -31,6 +31,7 @@ import torch
 
 from .._log import log_once, logger
 from ..parallel.sequence import sequence_attention
+from ..parallel.session import ParallelSettings, close_sessions, session_for  # noqa: F401 (re-exported)
 from ..parallel.shard import gather_tokens, split_tokens
 from .comfy_adapter import GenesisAttentionOverride, comfy_attention
 
@@ -370,71 +371,6 @@ def base_model_payload(base_model) -> Dict[str, Any]:
     return {"blob": blob, "comfy_path": _comfy_path()}
 
 
-@dataclass(frozen=True)
-class ParallelSettings:
-    """How a MODEL runs across workers: ``cfg`` branches (1 or 2) x ``ulysses`` x ``ring``."""
-
-    cfg: int = 2
-    ulysses: int = 1
-    ring: int = 1
-    use_gpu: bool = True
-    address: str = ""
-    gpu_ids: tuple = ()          # embedded Ray only: which of this machine's GPUs
-    backend: str = "auto"
-    ring_impl: str = "ring"
-    timeout_s: float = 900.0
-
-    @property
-    def world(self) -> int:
-        return self.cfg * self.ulysses * self.ring
-
-
-NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-_sessions: Dict[ParallelSettings, Any] = {}
-_sessions_lock = threading.Lock()
-
-
-def _session(settings: ParallelSettings):
-    from ..parallel.ray_workers import RayWorkerPool, connect
-    from ..parallel.session import ParallelSession
-
-    with _sessions_lock:
-        s = _sessions.get(settings)
-        if s is not None and not s.pool.closed:
-            return s
-        _sessions.pop(settings, None)
-        init = {}
-        if settings.gpu_ids and not settings.address:
-            init["num_gpus"] = len(settings.gpu_ids)
-            old = os.environ.get("CUDA_VISIBLE_DEVICES")
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in settings.gpu_ids)
-            try:
-                connect(None, **init)  # the embedded Ray sees only these GPUs (this process's CUDA is set up already)
-            finally:
-                if old is None:
-                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-                else:
-                    os.environ["CUDA_VISIBLE_DEVICES"] = old
-        pool = RayWorkerPool(settings.world, use_gpu=settings.use_gpu, address=settings.address or None,
-                             env=NCCL_ENV if settings.use_gpu else {}, timeout_s=settings.timeout_s)
-        try:
-            s = ParallelSession(pool, cfg=settings.cfg, ulysses=settings.ulysses, ring=settings.ring)
-        except BaseException:
-            pool.close()
-            raise
-        s.model_id = None
-        _sessions[settings] = s
-        return s
-
-
-def close_sessions() -> None:
-    """Stop every worker pool this process started (ComfyUI keeps running)."""
-    with _sessions_lock:
-        for s in _sessions.values():
-            s.pool.close()
-        _sessions.clear()
-
-
 class MultiGPUModelFunction:
     """ComfyUI ``model_function_wrapper``: each model call runs on the workers (see the module docstring)."""
 
@@ -464,7 +400,7 @@ class MultiGPUModelFunction:
         if conds.pop("control", None) is not None:
             raise ValueError("Genesis Multi-GPU: ControlNet inputs cannot be sent to the workers; remove the "
                              "ControlNet or the Multi-GPU node")
-        session = _session(self.settings)
+        session = session_for(self.settings)
         token = (id(base_model), getattr(getattr(base_model, "current_patcher", None), "patches_uuid", None))
         if session.model_id != token:
             logger.info(f"sending {type(base_model.diffusion_model).__name__} to {session.pool.world_size} worker(s) "

@@ -12,6 +12,9 @@ ranks of each branch and returns the joined result, exactly as one process calli
 from __future__ import annotations
 
 import itertools
+import os
+import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -21,7 +24,7 @@ from .cfg import join_chunks, split_call
 from .mesh import build_mesh
 from .portable import portable, resolve
 
-__all__ = ["ParallelSession"]
+__all__ = ["ParallelSession", "ParallelSettings", "session_for", "close_sessions", "NCCL_ENV"]
 
 _keys = itertools.count(1)
 
@@ -130,3 +133,71 @@ class ParallelSession:
         if self.key is not None and not getattr(self.pool, "closed", False):
             self.pool.run(_unload)
         self.key = None
+
+
+# ---------------------------------------------------------------- sessions kept per settings (one process)
+
+
+@dataclass(frozen=True)
+class ParallelSettings:
+    """How a MODEL runs across workers: ``cfg`` branches (1 or 2) x ``ulysses`` x ``ring``."""
+
+    cfg: int = 2
+    ulysses: int = 1
+    ring: int = 1
+    use_gpu: bool = True
+    address: str = ""
+    gpu_ids: tuple = ()          # embedded Ray only: which of this machine's GPUs
+    backend: str = "auto"
+    ring_impl: str = "ring"
+    timeout_s: float = 900.0
+
+    @property
+    def world(self) -> int:
+        return self.cfg * self.ulysses * self.ring
+
+
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+_sessions: Dict[ParallelSettings, Any] = {}
+_sessions_lock = threading.Lock()
+
+
+def session_for(settings: ParallelSettings) -> "ParallelSession":
+    """The session (Ray workers + mesh) for ``settings``: kept between runs, started afresh after a failure."""
+    from .ray_workers import RayWorkerPool, connect
+
+    with _sessions_lock:
+        s = _sessions.get(settings)
+        if s is not None and not s.pool.closed:
+            return s
+        _sessions.pop(settings, None)
+        init = {}
+        if settings.gpu_ids and not settings.address:
+            init["num_gpus"] = len(settings.gpu_ids)
+            old = os.environ.get("CUDA_VISIBLE_DEVICES")
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in settings.gpu_ids)
+            try:
+                connect(None, **init)  # the embedded Ray sees only these GPUs (this process's CUDA is set up already)
+            finally:
+                if old is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = old
+        pool = RayWorkerPool(settings.world, use_gpu=settings.use_gpu, address=settings.address or None,
+                             env=NCCL_ENV if settings.use_gpu else {}, timeout_s=settings.timeout_s)
+        try:
+            s = ParallelSession(pool, cfg=settings.cfg, ulysses=settings.ulysses, ring=settings.ring)
+        except BaseException:
+            pool.close()
+            raise
+        s.model_id = None  # which model the workers hold (set by the caller after load)
+        _sessions[settings] = s
+        return s
+
+
+def close_sessions() -> None:
+    """Stop every worker pool this process started (ComfyUI keeps running)."""
+    with _sessions_lock:
+        for s in _sessions.values():
+            s.pool.close()
+        _sessions.clear()
