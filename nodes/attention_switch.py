@@ -6,11 +6,33 @@ from typing import Any, List, Tuple
 from ..genesis_core._log import log_once, logger
 from ..genesis_core.attn import backend_name
 from ..genesis_core.comfyui import ComfyUINodeInterface, register_comfyui_node
-from ..genesis_core.interop import GenesisAttentionOverride, make_replace_patch
+from ..genesis_core.attn import QUALITY_LEVELS
+from ..genesis_core.interop import GenesisAttentionOverride, make_replace_patch, make_step_wrapper
 from ._common import ATTENTION_CHOICES, tooltip
 
 OVERRIDE_KEY = "optimized_attention_override"
 WRAPPER_KEY = "genesis_attention_switch"
+#: How many of the first and of the last sampling steps run at 'exact' unless the user says otherwise.
+#: One each: the first step lays out the composition from pure noise and the last one leaves detail that no
+#: later step corrects, while 2 steps of 20-30 cost little of what a lower level gains.
+DEFAULT_EXACT_STEPS = 1
+MAX_EXACT_STEPS = 1000
+
+QUALITY_TOOLTIP = (
+    "How far from exact attention Genesis may go for speed. exact: only kernels that compute in the model's "
+    "own precision (SDPA, FlashAttention, xformers); results match ComfyUI's up to bf16/fp16 rounding. "
+    "high: also 8-bit kernels that keep softmax·V near half precision (SageAttention's INT8 Q·K). fast: also "
+    "kernels that quantise every operand to FP8 (cuDNN/FA3 FP8, SageAttention 2's FP8 P·V). Every lower-level "
+    "kernel is checked against a float64 reference on the live inputs and refused when its error is over the "
+    "level's thresholds (the README's 'Quality budgets' section lists them). With an explicit lossy attention "
+    "(sage) the steps not held at exact run at least at the level that kernel needs."
+)
+EXACT_STEPS_TOOLTIP = (
+    "The first N and last N sampling steps run at 'exact', whatever 'quality' says: low precision is least safe "
+    "there (the first step sets the composition, the last ones the fine detail). 0: every step runs at 'quality'; "
+    "N at least half the steps: every step is exact. Counted over the steps this sampler runs (with a start or "
+    "end step, over that range)."
+)
 
 
 def comfy_has_override_hook() -> bool:
@@ -75,8 +97,10 @@ class GenesisAttentionSwitch(ComfyUINodeInterface):
     DESCRIPTION = (
         "Runs the model's attention through Genesis with the chosen backend. Only the returned model "
         "changes (a clone with its own attention override); the input model is untouched. 'auto' picks "
-        "the fastest measured backend per call shape. Unavailable choices fall back to sdpa, then pytorch, "
-        "and the log says why. After each sampling run the log lists which backend served each call shape."
+        "the fastest measured backend per call shape within the 'quality' budget; the first and last "
+        "'exact_steps' sampling steps always run at 'exact'. Unavailable choices fall back to sdpa, then "
+        "pytorch, and the log says why. After each sampling run the log lists which backend served each call "
+        "shape at which quality level, and which steps ran at exact."
     )
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("A clone of the model whose attention runs through Genesis.",)
@@ -90,18 +114,28 @@ class GenesisAttentionSwitch(ComfyUINodeInterface):
                     "Attention backend: auto (measured choice), flash, sage, xformers, sdpa or pytorch (plain math). "
                     "Marks show which work on this server; unavailable ones fall back to sdpa.",
                     default="auto")),
+                "quality": (list(QUALITY_LEVELS), tooltip(QUALITY_TOOLTIP, default="exact")),
+                "exact_steps": ("INT", tooltip(EXACT_STEPS_TOOLTIP, default=DEFAULT_EXACT_STEPS, min=0,
+                                               max=MAX_EXACT_STEPS, step=1)),
             }
         }
 
-    def execute(self, model, attention: str = "auto"):
+    def execute(self, model, attention: str = "auto", quality: str = "exact",
+                exact_steps: int = DEFAULT_EXACT_STEPS):
         if not hasattr(model, "clone") or not hasattr(model, "model_options"):
             raise ValueError(f"GenesisAttentionSwitch: input 'model' must be a ComfyUI MODEL; got a {type(model).__name__}")
         try:
             name = backend_name(attention)
         except ValueError as exc:
             raise ValueError(f"GenesisAttentionSwitch: input 'attention': {exc}") from None
+        if quality not in QUALITY_LEVELS:
+            raise ValueError(f"GenesisAttentionSwitch: input 'quality' must be one of {', '.join(QUALITY_LEVELS)}; "
+                             f"got {quality!r}")
+        if isinstance(exact_steps, bool) or not isinstance(exact_steps, int) or not 0 <= exact_steps <= MAX_EXACT_STEPS:
+            raise ValueError(f"GenesisAttentionSwitch: input 'exact_steps' must be an integer from 0 to "
+                             f"{MAX_EXACT_STEPS}; got {exact_steps!r}")
         patched = model.clone()
-        override = GenesisAttentionOverride(name)
+        override = GenesisAttentionOverride(name, quality=quality, exact_steps=exact_steps)
         if comfy_has_override_hook():
             to = patched.model_options.setdefault("transformer_options", {})
             previous = to.get(OVERRIDE_KEY)
@@ -119,13 +153,26 @@ class GenesisAttentionSwitch(ComfyUINodeInterface):
             else:
                 logger.warning("this ComfyUI has no optimized_attention_override hook and the model has no UNet "
                                "transformer blocks Genesis can patch; attention is left as it was")
-        if hasattr(patched, "add_wrapper_with_key"):
-            try:
-                from comfy.patcher_extension import WrappersMP
-
-                if hasattr(patched, "remove_wrappers_with_key"):
-                    patched.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
-                patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper(override))
-            except ImportError:
-                pass
+        self._install_wrappers(patched, override)
         return (patched,)
+
+    @staticmethod
+    def _install_wrappers(patched, override: GenesisAttentionOverride) -> None:
+        """The end-of-run log (outer sample) and, where some steps are held at exact, the per-model-call step
+        tracker (apply_model); an earlier Genesis switch's wrappers on this model are replaced, other nodes'
+        wrappers stay and run around or inside ours as ComfyUI chains them."""
+        if not hasattr(patched, "add_wrapper_with_key"):
+            if override.exact_steps and override.middle_level != "exact":
+                logger.warning("this ComfyUI has no model wrappers: 'exact_steps' cannot be honoured, every step "
+                               f"runs at quality '{override.middle_level}'")
+            return
+        try:
+            from comfy.patcher_extension import WrappersMP
+        except ImportError:
+            return
+        for kind in (WrappersMP.OUTER_SAMPLE, WrappersMP.APPLY_MODEL):
+            if hasattr(patched, "remove_wrappers_with_key"):
+                patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
+        patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper(override))
+        if override.exact_steps and override.middle_level != "exact":
+            patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, make_step_wrapper(override))

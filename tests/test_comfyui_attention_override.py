@@ -18,6 +18,7 @@ from comfy_helpers import attention_basic_reference, load_pack
 pack = load_pack()
 interop = importlib.import_module(pack.__name__ + ".genesis_core.interop")
 engine = importlib.import_module(pack.__name__ + ".genesis_core.attn.dispatch")
+attn_pkg = importlib.import_module(pack.__name__ + ".genesis_core.attn")
 
 B, NQ, NK, D = 2, 7, 5, 8
 
@@ -37,7 +38,7 @@ MASKS = {
 
 def _cpu_backends():
     names = ["auto"]
-    for row in engine.backends_report():
+    for row in attn_pkg.backends_report():
         if row["available"] and row["name"] in ("sdpa", "pytorch", "flash", "xformers", "sage"):
             names.append(row["name"])
     return names
@@ -178,3 +179,126 @@ def test_replace_patch_matches_reference():
     out = patch(q, k, v, {"n_heads": heads, "dim_head": D, "attn_precision": None})
     torch.testing.assert_close(out.double(), attention_basic_reference(q, k, v, heads), rtol=1e-4, atol=1e-5)
     assert override.calls == 1
+
+
+# ---------------------------------------------------------------- the prepared (cached) path
+
+adapter = importlib.import_module(pack.__name__ + ".genesis_core.interop.comfy_adapter")
+registry = importlib.import_module(pack.__name__ + ".genesis_core.attn.registry")
+Backend = registry.Backend
+
+
+def _forbid_full_path(monkeypatch):
+    """Make every step of the full path (binding, signature, checks, planning) raise."""
+    def forbidden(name):
+        def fn(*a, **k):
+            raise AssertionError(f"{name} ran on a call signature the override has seen before")
+        return fn
+
+    monkeypatch.setattr(adapter, "comfy_attention", forbidden("comfy_attention"))
+    monkeypatch.setattr(adapter, "_bind", forbidden("_bind"))
+    monkeypatch.setattr(adapter, "call_signature", forbidden("call_signature"))
+    monkeypatch.setattr(engine, "validate", forbidden("validate"))
+    monkeypatch.setattr(engine, "_plan", forbidden("the engine's planning"))
+
+
+CALL_FORMS = {
+    # how ComfyUI's models call optimized_attention: heads positional (SD/Flux), by name (Wan), mask None
+    # positionally (optimized_attention_masked callers), flags by name
+    "heads_positional": lambda q, k, v, h, kw: ((q, k, v, h), kw),
+    "heads_by_name": lambda q, k, v, h, kw: ((q, k, v), dict(kw, heads=h)),
+    "mask_none_positional": lambda q, k, v, h, kw: ((q, k, v, h, None), kw),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "pytorch"])
+@pytest.mark.parametrize("form", list(CALL_FORMS))
+@pytest.mark.parametrize("skip_reshape,skip_output_reshape", list(itertools.product([False, True], repeat=2)))
+def test_second_call_takes_the_prepared_path(monkeypatch, backend, form, skip_reshape, skip_output_reshape):
+    heads = 3
+    override = interop.GenesisAttentionOverride(backend)
+    flags = dict(skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
+                 transformer_options={}, _inside_attn_wrapper=True)
+
+    def original(*a, **k):
+        raise AssertionError("ComfyUI's function ran although Genesis serves these calls")
+
+    args, kw = CALL_FORMS[form](*_inputs(heads, skip_reshape), heads, flags)
+    override(original, *args, **kw)  # first call: checked and planned
+    _forbid_full_path(monkeypatch)
+    for _ in range(2):
+        q, k, v = (torch.randn_like(t) for t in _inputs(heads, skip_reshape))  # fresh data, same signature
+        args, kw = CALL_FORMS[form](q, k, v, heads, flags)
+        out = override(original, *args, **kw)
+        ref = attention_basic_reference(q, k, v, heads, None, skip_reshape, skip_output_reshape)
+        assert tuple(out.shape) == tuple(ref.shape)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    assert override.calls == 3 and override.fallback_calls == 0
+    (sig, served), = override.run_table()
+    assert sum(served.values()) == 3 and set(served) <= {backend, "sdpa", "pytorch"}, served
+
+
+def test_a_new_signature_level_or_registry_change_takes_the_full_path(monkeypatch):
+    heads = 2
+    override = interop.GenesisAttentionOverride("auto")
+    seen = []
+    real = adapter.comfy_attention
+    monkeypatch.setattr(adapter, "comfy_attention", lambda *a, **k: (seen.append(k.get("quality")), real(*a, **k))[1])
+    q, k, v = _inputs(heads, False)
+    for _ in range(3):
+        override(None, q, k, v, heads)
+    assert seen == [None]
+    override(None, q[:, :5].contiguous(), k, v, heads)  # another query length
+    assert len(seen) == 2
+    override.level = "high"  # what begin_model_call sets for a step
+    override(None, q, k, v, heads)
+    override(None, q, k, v, heads)
+    assert seen[2:] == ["high"]
+    registry.changed()  # e.g. the autotuner cleared or a backend re-probed: plans may be stale
+    override(None, q, k, v, heads)
+    assert len(seen) == 4
+    # An input a view cannot split: prepared too, with a copy where ComfyUI's own view would fail.
+    qt = torch.randn(B, heads * D, NQ).transpose(1, 2)
+    out1 = override(None, qt, k, v, heads)
+    out2 = override(None, qt, k, v, heads)
+    assert len(seen) == 5
+    ref = attention_basic_reference(qt, k, v, heads)
+    torch.testing.assert_close(out1.double(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out2.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_direct_kernel_moves_the_signature_to_the_engine(genesis_log):
+    """The prepared path calls the served backend's plain kernel; when that raises, this call and every later
+    one with the signature go through the engine, which logs the failure and falls back."""
+    state = {"direct_calls": 0, "run_calls": 0}
+
+    def direct_kernel(q, k, v):
+        state["direct_calls"] += 1
+        if state["direct_calls"] > 1:  # works while dispatch plans, breaks on the override's prepared call
+            raise RuntimeError("direct kernel exploded")
+        return registry.get("pytorch").run(AttentionCall(q, k, v, None, q.shape[-1] ** -0.5))
+
+    def run(call):
+        state["run_calls"] += 1
+        return registry.get("pytorch").run(call)
+
+    AttentionCall = importlib.import_module(pack.__name__ + ".genesis_core.attn.types").AttentionCall
+    registry.register(Backend(name="direct_override_test", probe=lambda: None, unsupported=lambda c: None, run=run,
+                              description=lambda: "test", direct=lambda call: direct_kernel))
+    try:
+        engine.clear_plans()
+        heads = 2
+        override = interop.GenesisAttentionOverride("direct_override_test")
+        q, k, v = _inputs(heads, False)
+        ref = attention_basic_reference(q, k, v, heads)
+        for _ in range(4):
+            out = override(None, q, k, v, heads)
+            torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+        # call 1: dispatch's direct path; call 2: the override's direct call fails, the engine's too (logged),
+        # then run(call); calls 3-4: the engine, whose plan no longer takes the direct path.
+        assert state["direct_calls"] == 3 and state["run_calls"] == 3, state
+        assert override.fallback_calls == 0 and override.calls == 4
+        assert any("direct path of attention backend 'direct_override_test' failed" in m for m in genesis_log)
+    finally:
+        registry.unregister("direct_override_test")
+        engine.clear_plans()
