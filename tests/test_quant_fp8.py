@@ -1,0 +1,268 @@
+"""FP8 quantisation (genesis_core.attn.quant.fp8): the PyTorch reference's math, and the Triton kernels against
+it under Triton's CPU interpreter (TRITON_INTERPRET=1; skipped where Triton is not installed)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before the kernels are first imported: they are decorated for the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from genesis_core.attn.quant import fp8  # noqa: E402
+from tests.conftest import reference_attention  # noqa: E402
+
+E4M3 = torch.float8_e4m3fn
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_interpreter = pytest.mark.skipif(
+    not HAS_TRITON or torch.cuda.is_available(),
+    reason="needs Triton (pip install triton) and a machine without CUDA (the kernels then run in the interpreter)")
+
+
+def _rel(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    return float((a - b).norm() / b.norm())
+
+
+def _on_e4m3_grid_nearest(y: torch.Tensor) -> torch.Tensor:
+    """Per element: |y - e4m3(y)| <= half the e4m3 step at y (independent of torch's cast)."""
+    a = y.abs().clamp_min(2.0 ** -6)
+    step = torch.exp2(torch.floor(torch.log2(a)) - 3)
+    return (y - y.to(E4M3).float()).abs() <= step / 2 + 1e-12
+
+
+# ---------------------------------------------------------------- the scale
+
+
+def test_scale_exponent_is_the_largest_power_of_two_that_fits():
+    amax = torch.cat([torch.rand(2000) * 10.0 ** torch.randint(-20, 20, (2000,)).float(),
+                      torch.tensor([1.0, 448.0, 448.0001, 447.999, 1.75, 0.875, 2.0 ** -126, 3e38])])
+    s = fp8.scale_exponents(amax).double()
+    a = amax.double()
+    assert bool((a * torch.exp2(s) <= 448).all())
+    fits_next = (a * torch.exp2(s + 1) <= 448) & (s < 126)
+    assert not bool(fits_next.any()), amax[fits_next][:5]
+    assert fp8.scale_exponents(torch.tensor([0.0, 1e-45])).tolist() == [126, 126]
+    assert fp8.scale_exponents(torch.tensor([448.0, 1.0])).tolist() == [0, 8]
+
+
+def test_descale_is_nan_for_a_group_that_is_not_finite():
+    x = torch.randn(1, 3, 16, 8)
+    x[0, 1, 2, 3] = float("inf")
+    x[0, 2, 0, 0] = float("nan")
+    d = fp8.quantize_reference(x, "head").descale
+    assert bool(torch.isfinite(d[0, 0])) and bool(torch.isnan(d[0, 1])) and bool(torch.isnan(d[0, 2]))
+    assert bool(torch.isnan(fp8.quantize_reference(x, "tensor").descale).all())
+
+
+# ---------------------------------------------------------------- the reference quantiser
+
+
+@pytest.mark.parametrize("granularity", fp8.GRANULARITIES)
+def test_reference_round_trip_is_within_half_an_e4m3_step(granularity):
+    x = torch.randn(2, 3, 200, 16) * torch.tensor([0.01, 1.0, 30.0])[None, :, None, None]
+    t = fp8.quantize_reference(x, granularity, block=64)
+    assert t.data.dtype == E4M3 and t.data.shape == x.shape
+    want = {"tensor": (2, 3), "head": (2, 3), "block": (2, 3, 4)}[granularity]
+    assert tuple(t.descale.shape) == want
+    per_element = (t.descale[:, :, None, None] if t.block is None
+                   else t.descale.repeat_interleave(64, 2)[:, :, :200, None])
+    scaled = fp8.dequantize(t) / per_element
+    assert float(scaled.abs().max()) <= 448.0
+    # every group uses the top binade of e4m3: its maximum lands in [224, 448]
+    groups = scaled.abs().amax(dim=(2, 3)) if granularity == "head" else scaled.abs().amax()
+    if granularity != "block":
+        assert bool((groups >= 224).all())
+    exact = x / per_element
+    assert bool(_on_e4m3_grid_nearest(exact).all())
+    err = (fp8.dequantize(t) - x).abs()
+    normal = exact.abs() >= 2.0 ** -6
+    assert bool((err[normal] <= x.abs()[normal] * 2.0 ** -4 + 1e-30).all())
+
+
+def test_per_head_scales_keep_a_quiet_head_that_per_tensor_flushes():
+    x = torch.randn(1, 2, 256, 32)
+    x[:, 1] *= 1e-5  # a head 100000x quieter than the other: below e4m3's range under one shared scale
+    per_tensor = fp8.dequantize(fp8.quantize_reference(x, "tensor"))
+    per_head = fp8.dequantize(fp8.quantize_reference(x, "head"))
+    assert _rel(per_head[:, 1], x[:, 1]) < 0.05
+    assert _rel(per_tensor[:, 1], x[:, 1]) > 0.3
+    # the loud head is the same either way: e4m3's relative precision does not depend on the scale
+    assert _rel(per_head[:, 0], x[:, 0]) < 0.05 and _rel(per_tensor[:, 0], x[:, 0]) < 0.05
+
+
+def test_block_scales_follow_each_block():
+    x = torch.randn(1, 1, 256, 16)
+    x[:, :, 128:] *= 1000.0
+    t = fp8.quantize_reference(x, "block", block=128)
+    assert float(t.descale[0, 0, 1] / t.descale[0, 0, 0]) >= 256  # powers of two, ~1000x apart
+    assert _rel(fp8.dequantize(t)[:, :, :128], x[:, :, :128]) < 0.05
+
+
+def test_smoothing_subtracts_the_per_head_mean_and_leaves_attention_unchanged():
+    q, k, v = torch.randn(2, 3, 40, 16), torch.randn(2, 3, 50, 16) + 5.0, torch.randn(2, 3, 50, 16)
+    t = fp8.quantize_reference(k, "head", smooth=True)
+    assert torch.allclose(t.mean, k.mean(dim=2), atol=1e-6)
+    centred = k - t.mean[:, :, None, :]
+    err = (fp8.dequantize(t, add_mean=True) - k).abs()
+    assert bool((err <= centred.abs() * 2.0 ** -4 + 1e-5).all())  # e4m3 precision of k - mean, not of k
+    mean = t.mean.double()[:, :, None, :]
+    exact = reference_attention(q.double(), k.double(), v.double())
+    shifted = reference_attention(q.double(), k.double() - mean, v.double())
+    assert float((exact - shifted).abs().max()) < 1e-12
+
+
+def test_smoothing_lowers_the_error_when_k_has_a_channel_offset():
+    torch.manual_seed(0)
+    q, v = torch.randn(1, 2, 128, 64), torch.randn(1, 2, 256, 64)
+    k = torch.randn(1, 2, 256, 64) + torch.randn(64) * 30.0  # a large per-channel bias, as in DiT activations
+    exact = reference_attention(q.double(), k.double(), v.double())
+    errs = {}
+    for smooth in (False, True):
+        qq = fp8.dequantize(fp8.quantize_reference(q, "head"))
+        kk = fp8.dequantize(fp8.quantize_reference(k, "head", smooth=smooth))
+        vv = fp8.dequantize(fp8.quantize_reference(v, "head"))
+        errs[smooth] = _rel(reference_attention(qq.double(), kk.double(), vv.double()), exact)
+    assert errs[True] < 0.5 * errs[False], errs
+
+
+def test_mean_override_is_used():
+    k = torch.randn(1, 2, 30, 8)
+    mean = torch.full((1, 2, 8), 0.25)
+    t = fp8.quantize_reference(k, "head", smooth=True, mean=mean)
+    assert torch.equal(t.mean, mean)
+    assert bool(((fp8.dequantize(t) - (k - 0.25)).abs() <= (k - 0.25).abs() * 2.0 ** -4 + 1e-5).all())
+
+
+def test_qkv_reference_layout_and_descales():
+    q, k, v = torch.randn(2, 7, 3, 16), torch.randn(2, 9, 3, 16), torch.randn(2, 9, 3, 16)  # BNHD
+    r = fp8.quantize_qkv_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), "head", smooth_k=True)
+    assert r.q.shape == (2, 7, 3, 16) and r.k.shape == (2, 9, 3, 16) and r.q.is_contiguous()
+    assert r.descale.shape == (3, 2, 3) and r.k_mean.shape == (2, 3, 16)
+    alone = fp8.quantize_reference(k.transpose(1, 2), "head", smooth=True)
+    assert torch.equal(r.k.transpose(1, 2).float(), alone.data.float()) and torch.equal(r.descale[1], alone.descale)
+
+
+def test_bad_arguments_are_named():
+    x = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        fp8.quantize_reference(x, "row")
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        fp8.quantize_reference(x[0])
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        fp8.quantize_reference(x.to(E4M3))
+    with pytest.raises(ValueError, match="per-block"):
+        fp8.quantize_qkv_reference(x, x, x, "block")
+    with pytest.raises(ValueError, match="share B, H and D"):
+        fp8.quantize_qkv_reference(x, x[:, :1], x[:, :1])
+    with pytest.raises(TypeError, match="share one dtype"):
+        fp8.quantize_qkv_reference(x, x.half(), x)
+
+
+def test_dequantize_output_on_cpu_uses_torch():
+    o8 = (torch.randn(1, 5, 2, 16) * 50).to(E4M3)
+    d = torch.tensor([[0.25, 0.5]])
+    out = fp8.dequantize_output(o8, d, 2.0, torch.bfloat16)
+    want = o8.float() * torch.tensor([0.5, 1.0])[None, None, :, None]
+    assert out.dtype == torch.bfloat16 and torch.equal(out.float(), want)
+
+
+# ---------------------------------------------------------------- the Triton kernels, in the interpreter
+
+
+def _inputs(layout, B, H, NQ, NK, D, dtype, k_bias=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "BNHD":
+        q = torch.randn(B, NQ, H, D, generator=g).to(dtype).transpose(1, 2)
+        k = (torch.randn(B, NK, H, D, generator=g) * 3 + k_bias * torch.randn(D, generator=g)).to(dtype).transpose(1, 2)
+        v = torch.randn(B, NK, H, D, generator=g).to(dtype).transpose(1, 2)
+    else:
+        q = torch.randn(B, H, NQ, D, generator=g).to(dtype)
+        k = (torch.randn(B, H, NK, D, generator=g) * 3 + k_bias * torch.randn(D, generator=g)).to(dtype)
+        v = torch.randn(B, H, NK, D, generator=g).to(dtype)
+    return q, k, v
+
+
+def _same(a: fp8.FP8QKV, b: fp8.FP8QKV) -> None:
+    for name, x, y in zip("qkv", a[:3], b[:3]):
+        assert x.dtype == E4M3 and x.shape == y.shape and x.is_contiguous(), name
+        bad = x.float() != y.float()
+        assert not bool(bad.any()), f"{name}: {int(bad.sum())} elements differ from the reference"
+    assert torch.equal(a.descale, b.descale)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout,B,H,NQ,NK,D,dtype,granularity,smooth", [
+    ("BNHD", 1, 2, 37, 70, 32, torch.bfloat16, "head", True),
+    ("BHND", 2, 1, 20, 9, 48, torch.float16, "head", False),
+    ("BNHD", 1, 3, 1, 5, 16, torch.bfloat16, "tensor", True),
+    ("BHND", 1, 2, 30, 30, 32, torch.bfloat16, "tensor", False),
+])
+def test_triton_kernels_match_the_reference_bit_for_bit(layout, B, H, NQ, NK, D, dtype, granularity, smooth):
+    q, k, v = _inputs(layout, B, H, NQ, NK, D, dtype, k_bias=20.0)
+    got = fp8.quantize_qkv(q, k, v, granularity, smooth_k=smooth)
+    if smooth:
+        assert torch.allclose(got.k_mean, k.float().mean(dim=2), rtol=1e-5, atol=1e-5)
+    else:
+        assert got.k_mean is None
+    _same(got, fp8.quantize_qkv_reference(q, k, v, granularity, smooth_k=smooth, k_mean=got.k_mean))
+
+
+@needs_interpreter
+def test_triton_heads_spanning_several_chunks():
+    # D=128 tiles hold 32 tokens; 100 tokens make 4 chunks per head: the maxima and the k offset sit in the last
+    q, k, v = _inputs("BNHD", 1, 1, 100, 100, 128, torch.bfloat16, k_bias=5.0, seed=3)
+    q[0, 0, 97, 7], k[0, 0, 98, 3], v[0, 0, 99, 1] = 300.0, -200.0, 100.0
+    for granularity, smooth in (("head", True), ("tensor", False)):
+        got = fp8.quantize_qkv(q, k, v, granularity, smooth_k=smooth)
+        _same(got, fp8.quantize_qkv_reference(q, k, v, granularity, smooth_k=smooth, k_mean=got.k_mean))
+
+
+@needs_interpreter
+def test_triton_rounding_is_nearest_even_at_ties_and_binade_edges():
+    # amax 448 gives scale 1: the values land on the grid as given (ties between e4m3 neighbours, carries
+    # into the next binade, subnormals)
+    vals = torch.tensor([448.0, 84.0, -84.0, 125.05, 127.9, 31.44, -7.86, 0.0029, 0.00098, 2.0 ** -10, 240.0,
+                         232.0, 1.0625, 1.1875, -0.0, 17.0, 19.0])
+    x = vals[:, None].expand(vals.numel(), 16).reshape(1, 1, vals.numel(), 16).contiguous()
+    got = fp8.quantize_qkv(x, x, x, "head", smooth_k=False)
+    assert torch.equal(got.descale, torch.ones(3, 1, 1))
+    assert torch.equal(got.q.float()[0, :, 0, 0], vals.to(E4M3).float())
+
+
+@needs_interpreter
+def test_triton_non_finite_inputs_give_nan_descales():
+    q, k, v = _inputs("BNHD", 1, 2, 16, 16, 16, torch.bfloat16)
+    q[0, 1, 3, 5] = float("nan")
+    k[0, 0, 2, 1] = float("inf")
+    for smooth in (False, True):
+        d = fp8.quantize_qkv(q, k, v, "head", smooth_k=smooth).descale
+        assert bool(torch.isnan(d[0, 0, 1])) and bool(torch.isfinite(d[0, 0, 0]))
+        assert bool(torch.isnan(d[1, 0, 0])) and bool(torch.isfinite(d[1, 0, 1])) and bool(torch.isfinite(d[2]).all())
+
+
+@needs_interpreter
+def test_triton_dequantize_output_matches_torch():
+    o8 = (torch.randn(1, 9, 2, 32) * 100).to(E4M3)
+    d = torch.tensor([[2.0 ** -5, 2.0 ** 3]])
+    want = (o8.float() * (d * 2.0)[:, None, :, None]).to(torch.float16)
+    assert torch.equal(fp8.dequantize_output(o8, d, 2.0, torch.float16), want)
+
+
+def test_triton_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(fp8, "_kernels_mod", None)
+    monkeypatch.setattr(fp8, "_missing", None)
+    real = importlib.import_module
+
+    def no_triton(name, *a, **kw):
+        if name.endswith("_fp8_triton"):
+            raise ImportError("No module named 'triton'")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(fp8.importlib, "import_module", no_triton)
+    why = fp8.triton_missing()
+    assert why and "pip install triton" in why
+    with pytest.raises(ImportError, match="pip install triton"):
+        fp8._kernels()
