@@ -183,7 +183,7 @@ def test_replace_patch_matches_reference():
 
 # ---------------------------------------------------------------- the prepared (cached) path
 
-adapter = importlib.import_module(pack.__name__ + ".genesis_core.interop.comfy_adapter")
+adapter = importlib.import_module(pack.__name__ + ".genesis_core.interop.comfy_adapter")  # where the override looks up the full path
 registry = importlib.import_module(pack.__name__ + ".genesis_core.attn.registry")
 Backend = registry.Backend
 
@@ -196,7 +196,7 @@ def _forbid_full_path(monkeypatch):
         return fn
 
     monkeypatch.setattr(adapter, "comfy_attention", forbidden("comfy_attention"))
-    monkeypatch.setattr(adapter, "_bind", forbidden("_bind"))
+    monkeypatch.setattr(adapter, "bind_arguments", forbidden("bind_arguments"))
     monkeypatch.setattr(adapter, "call_signature", forbidden("call_signature"))
     monkeypatch.setattr(engine, "validate", forbidden("validate"))
     monkeypatch.setattr(engine, "_plan", forbidden("the engine's planning"))
