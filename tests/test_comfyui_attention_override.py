@@ -302,3 +302,45 @@ def test_a_failing_direct_kernel_moves_the_signature_to_the_engine(genesis_log):
     finally:
         registry.unregister("direct_override_test")
         engine.clear_plans()
+
+
+# ---------------------------------------------------------------- the overhead bench's ComfyUI path
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "float_NqNk", "float_BNqNk", "float_BHNqNk"])
+@pytest.mark.parametrize("skip_reshape,skip_output_reshape", list(itertools.product([False, True], repeat=2)))
+def test_bench_reproduces_comfy_attention_pytorch(mask_kind, skip_reshape, skip_output_reshape):
+    """The bench's stand-in for ComfyUI's attention_pytorch keeps its contract, and hands the call to an
+    override in transformer_options the way ComfyUI's wrap_attn does (the override sees the flag set)."""
+    from genesis_core.bench.overhead import reproduced_attention_pytorch
+
+    fn = reproduced_attention_pytorch(torch.device("cpu"))
+    heads = 3
+    q, k, v = _inputs(heads, skip_reshape)
+    make = MASKS[mask_kind]
+    mask = None if make is None else make(B, heads)
+    flags = dict(skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape)
+    ref = attention_basic_reference(q, k, v, heads, mask, skip_reshape, skip_output_reshape)
+    torch.testing.assert_close(fn(q, k, v, heads, mask, transformer_options={}, **flags).double(), ref,
+                               rtol=1e-4, atol=1e-5)
+    seen = {}
+
+    def override(func, *args, **kwargs):
+        seen.update(func=func, inside=kwargs.get("_inside_attn_wrapper"))
+        return func(*args, **kwargs)  # the original again: must not recurse into the override
+
+    out = fn(q, k, v, heads, mask, transformer_options={"optimized_attention_override": override}, **flags)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    assert seen["inside"] is True and seen["func"] is not fn
+
+
+def test_bench_override_rows():
+    from genesis_core.bench.overhead import bench_comfy_override
+    from genesis_core.bench.verdicts import comfy_override_verdicts
+
+    rows = bench_comfy_override([torch.device("cpu")], calls=20, rounds=2)
+    assert [(r["path"], r["genesis"]) for r in rows] == [("reproduced", False), ("reproduced", True)]
+    assert rows[0]["overhead_us"] == 0.0 and rows[1]["overhead_us"] == rows[1]["us_per_call"] - rows[0]["us_per_call"]
+    assert rows[1]["chosen"] in ("sdpa", "pytorch")
+    (device, path, ok, over), = comfy_override_verdicts(rows)
+    assert device == "cpu" and path == "reproduced" and ok is (over <= 5.0)

@@ -17,7 +17,7 @@ from .attention import bench_attention
 from .comfy_e2e import bench_e2e_comfyui, comfyui_path
 from .e2e import bench_e2e
 from .estimate import estimate, measure_speed
-from .overhead import bench_overhead
+from .overhead import bench_comfy_override, bench_overhead, print_comfy_override
 from .plot import write_plot
 from .report import fit, print_attention, print_e2e, print_overhead, say
 from .shapes import DTYPES, parse_shapes
@@ -135,6 +135,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         devs = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
         result["overhead"] = bench_overhead(devs)
         print_overhead(result["overhead"])
+        result["overhead_comfy"] = bench_comfy_override(devs, comfyui=comfy_path)
+        print_comfy_override(result["overhead_comfy"])
     if "e2e" in sections:
         clock.start("e2e")
         status |= _section(result, "e2e", "e2e", lambda: bench_e2e(device, dtype, size, blocks, max(reps, 5), args.seed),

@@ -54,6 +54,13 @@ def _import_comfyui(path: str, device: torch.device):
     return Flux, comfy.ops, comfy_attention
 
 
+def comfy_attention_function(path: str, device: torch.device, name: str = "attention_pytorch"):
+    """One of ComfyUI's own attention functions, ``comfy.ldm.modules.attention.<name>``, from a checkout
+    (the overhead section times the Genesis override against it)."""
+    _, _, comfy_attention = _import_comfyui(path, device)
+    return getattr(comfy_attention, name)
+
+
 def bench_e2e_comfyui(path: str, device: torch.device, dtype: torch.dtype, size: str, double: int, single: int,
                       reps: int, seed: int) -> List[dict]:
     """ComfyUI's own Flux model (random weights, ``double`` + ``single`` blocks): ComfyUI's default attention

@@ -65,7 +65,7 @@ def estimate(sections: Sequence[str], shapes: List[Shape], *, names: List[str], 
     out = {
         "attention": _attention_s(shapes, names, include_auto, device, reps, warmup, budget_ms, speed)
         if "attention" in sections else 0.0,
-        "overhead": _overhead_s(device, speed) if "overhead" in sections else 0.0,
+        "overhead": _overhead_s(device, speed, comfyui) if "overhead" in sections else 0.0,
         "e2e": _e2e_s(e2e_size, e2e_blocks, max(reps, 5), comfyui, device, speed) if "e2e" in sections else 0.0,
         "executor": _executor_s(device, speed) if "executor" in sections else 0.0,
     }
@@ -96,15 +96,16 @@ def _attention_s(shapes: List[Shape], names: List[str], include_auto: bool, devi
     return total_ms * 1e-3
 
 
-def _overhead_s(device: torch.device, speed: Speed) -> float:
-    """Four calls compared per device, 200 warm-up calls each and 15 rounds of 2000 (500 off the CPU)."""
+def _overhead_s(device: torch.device, speed: Speed, comfyui: bool = False) -> float:
+    """Four calls compared per device, and ComfyUI's attention_pytorch with and without the override (reproduced,
+    and the real one with a checkout), 200 warm-up calls each and 15 rounds of 2000 (500 off the CPU)."""
     per_call_us = {"cpu": speed.cpu_call_us or speed.call_us}
     if device.type == "cuda":
         per_call_us[str(device)] = speed.call_us
     total_us = 0.0
     for dev, us in per_call_us.items():
         calls = 2000 if dev == "cpu" else 500
-        total_us += 4 * (min(200, calls) + 15 * calls) * (us + 2.0)  # Genesis' rows add a few us
+        total_us += (4 + (4 if comfyui else 2)) * (min(200, calls) + 15 * calls) * (us + 2.0)  # Genesis adds a few us
     return total_us * 1e-6
 
 
