@@ -79,6 +79,8 @@ def clean_modules(monkeypatch):
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setattr(pkg, "module_present", lambda name: False)
     monkeypatch.setattr(fp8_cudnn, "_cudnn", None)
+    monkeypatch.setattr(fa3_fp8, "_impl", None)  # restored afterwards: the probes below set them
+    monkeypatch.setattr(fa3_fp8, "_fn", None)
     fp8_cudnn.clear_graphs()
     yield monkeypatch
     fp8_cudnn.clear_graphs()

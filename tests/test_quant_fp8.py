@@ -212,9 +212,9 @@ def test_triton_kernels_match_the_reference_bit_for_bit(layout, B, H, NQ, NK, D,
 
 @needs_interpreter
 def test_triton_heads_spanning_several_chunks():
-    # D=128 tiles hold 32 tokens; 100 tokens make 4 chunks per head: the maxima and the k offset sit in the last
+    # D=128 tiles hold 32 tokens; 100 tokens make 4 chunks of 32 per head: the maxima sit on chunk ends
     q, k, v = _inputs("BNHD", 1, 1, 100, 100, 128, torch.bfloat16, k_bias=5.0, seed=3)
-    q[0, 0, 97, 7], k[0, 0, 98, 3], v[0, 0, 99, 1] = 300.0, -200.0, 100.0
+    q[0, 0, 31, 7], k[0, 0, 63, 3], v[0, 0, 99, 1] = 300.0, -200.0, 100.0
     for granularity, smooth in (("head", True), ("tensor", False)):
         got = fp8.quantize_qkv(q, k, v, granularity, smooth_k=smooth)
         _same(got, fp8.quantize_qkv_reference(q, k, v, granularity, smooth_k=smooth, k_mean=got.k_mean))
@@ -266,3 +266,78 @@ def test_triton_missing_says_how_to_install(monkeypatch):
     assert why and "pip install triton" in why
     with pytest.raises(ImportError, match="pip install triton"):
         fp8._kernels()
+
+
+def test_the_gpu_study_runs_its_cpu_dry_run(tmp_path):
+    """scripts/gpu/fp8_gpu.py --cpu-dry-run: the reference math (and the kernels under the interpreter) on tiny
+    shapes, every section written to the JSON."""
+    import importlib.util as util
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "gpu", "fp8_gpu.py")
+    spec = util.spec_from_file_location("fp8_gpu_script", path)
+    script = util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--cpu-dry-run", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "fp8_gpu.json").read_text())
+    emulated = [r for r in out["errors"] if r["path"] == "emulated" and r["status"] == "ok"]
+    assert len(emulated) == len(script.CPU_SHAPES) * len(script.KINDS) * 6
+    assert all(0 < r["rel_l2"] < 0.5 and 0.9 < r["cos"] <= 1.0 for r in emulated)
+    smooth = {r["shape"]: r["rel_l2"] for r in emulated if r["inputs"] == "outliers" and r["smooth_k"]
+              and r["granularity"] == "head"}
+    plain = {r["shape"]: r["rel_l2"] for r in emulated if r["inputs"] == "outliers" and not r["smooth_k"]
+             and r["granularity"] == "head"}
+    assert all(smooth[s] < plain[s] for s in smooth)  # k smoothing pays off on k with a channel offset
+    assert any(r["what"].startswith("sdpa bf16") and r["ms"] for r in out["timing"])
+    assert out["env"]["backends"]["fa3_fp8"]["reason"]  # nothing FP8 runs on a CPU
+
+
+AOT_SCRIPT = r'''
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from genesis_core.attn.quant import _fp8_triton as K
+
+DIV16 = {"q", "k", "v", "out", "ws", "o8", "desc", "sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "D",
+         "OUT_K", "OUT_V"}
+PTRS = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "out": "*fp8e4nv", "ws": "*fp32", "o8": "*fp8e4nv", "desc": "*fp32"}
+
+
+def build(fn, constexprs, ptrs=PTRS):
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        sig[name] = "constexpr" if name in constexprs else ptrs.get(name, "fp32" if name == "factor" else "i32")
+        if name in DIV16:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": K.NUM_WARPS}).asm["ptx"]
+
+
+ptx = {
+    "stats": build(K._stats, dict(SMOOTH_K=True, BLOCK_N=32, BLOCK_D=128)),
+    "finalize": build(K._finalize, dict(SMOOTH_K=True, CH_P=64, BLOCK_D=128)),
+    "cast": build(K._cast, dict(SMOOTH_K=True, PER_TENSOR=True, EXACT=False, BLOCK_N=32, BLOCK_D=128, BH_P=64)),
+    "dequant": build(K._dequant, dict(BLOCK_N=32, BLOCK_D=128), dict(PTRS, out="*bf16")),
+}
+json.dump({k: {"v4_loads": "ld.global.v4" in p, "fp8_cvt": "cvt.rn.satfinite.e4m3x2.f32" in p} for k, p in ptx.items()},
+          sys.stdout)
+'''
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (pip install triton)")
+def test_the_kernels_compile_for_sm90_ahead_of_time():
+    """Triton compiles the kernels for sm_90 without a GPU: what the interpreter cannot check (types across
+    branches, pointer selects, while loops), plus 16-byte vector loads and the round-to-nearest-even e4m3 cast."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    done = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["stats"]["v4_loads"] and got["cast"]["v4_loads"] and got["dequant"]["v4_loads"], got
+    assert got["cast"]["fp8_cvt"], got

@@ -25,7 +25,7 @@ import triton.language as tl
 
 TILE = 4096  # elements per [BLOCK_N, BLOCK_D] tile
 MAX_CHUNKS = 64  # token chunks per head (bounds the workspace and the reduction in _finalize)
-NUM_WARPS = 4
+NUM_WARPS = 8  # 16 elements per thread per tile: two 16-byte loads of bf16
 
 
 @triton.jit
@@ -46,46 +46,67 @@ def _round_e4m3(y):
 
 
 @triton.jit
+def _abs_stats(base, sn, i, limit, offs_d, dmask, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """max |x| over tokens [i, limit) of one head (NaN if any x is NaN or Inf). Elementwise accumulators in
+    the loop, one reduction at the end: no cross-warp traffic while streaming."""
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)  # x * 0: NaN where x is NaN or Inf (max drops NaN)
+    while i < limit:  # a while loop: Triton 3.6's interpreter cannot take a computed bound in range()
+        offs_n = i + tl.arange(0, BLOCK_N)
+        m = (offs_n < limit)[:, None] & dmask[None, :]
+        x = tl.load(base + offs_n.to(tl.int64)[:, None] * sn + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        acc = tl.maximum(acc, tl.abs(x))
+        bad += x * 0.0
+        i += BLOCK_N
+    return tl.max(tl.max(acc, axis=1), axis=0) + tl.sum(tl.sum(bad, axis=1), axis=0)
+
+
+@triton.jit
+def _channel_stats(base, sn, i, limit, offs_d, dmask, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per channel: max, min and sum over tokens [i, limit) of one head."""
+    cmax = tl.full([BLOCK_N, BLOCK_D], float("-inf"), tl.float32)
+    cmin = tl.full([BLOCK_N, BLOCK_D], float("inf"), tl.float32)
+    csum = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    while i < limit:
+        offs_n = i + tl.arange(0, BLOCK_N)
+        m = (offs_n < limit)[:, None] & dmask[None, :]
+        x = tl.load(base + offs_n.to(tl.int64)[:, None] * sn + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        cmax = tl.maximum(cmax, tl.where(m, x, float("-inf")))
+        cmin = tl.minimum(cmin, tl.where(m, x, float("inf")))
+        csum += x
+        i += BLOCK_N
+    return tl.max(cmax, axis=0), tl.min(cmin, axis=0), tl.sum(csum, axis=0)
+
+
+@triton.jit
 def _stats(q, k, v, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, BH, NQ, NK, D, CHQ, CHK, NCQ, NCK, CHMAX,
            ws, OFF_PAMAX, OFF_KSTAT, SMOOTH_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
     t = tl.program_id(2)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    base = _pick(t, q, k, v) + b * _pick(t, sqb, skb, svb).to(tl.int64) + h * _pick(t, sqh, skh, svh).to(tl.int64)
-    sn = _pick(t, sqn, skn, svn).to(tl.int64)
-    n_tok = tl.where(t == 0, NQ, NK)
-    chunk = tl.where(t == 0, CHQ, CHK)
     nch = tl.where(t == 0, NCQ, NCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    amax = tl.zeros([BLOCK_D], dtype=tl.float32)
-    cmax = tl.full([BLOCK_D], float("-inf"), tl.float32)
-    cmin = tl.full([BLOCK_D], float("inf"), tl.float32)
-    csum = tl.zeros([BLOCK_D], dtype=tl.float32)
-    bad = tl.zeros([BLOCK_D], dtype=tl.float32)  # x * 0: NaN where x is NaN or Inf (max() may drop NaN)
-    if c < nch:
+    if c < nch:  # chunks past this tensor's end write nothing (_finalize reads only c < nch)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        base = _pick(t, q, k, v) + b * _pick(t, sqb, skb, svb).to(tl.int64) + h * _pick(t, sqh, skh, svh).to(tl.int64)
+        sn = _pick(t, sqn, skn, svn).to(tl.int64)
+        chunk = tl.where(t == 0, CHQ, CHK)
         i = c * chunk
-        limit = tl.minimum(i + chunk, n_tok)
-        while i < limit:  # a while loop: Triton 3.6's interpreter cannot take a computed bound in range()
-            offs_n = i + tl.arange(0, BLOCK_N)
-            m = (offs_n < limit)[:, None] & dmask[None, :]
-            x = tl.load(base + offs_n.to(tl.int64)[:, None] * sn + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
-            bad += tl.sum(x * 0.0, axis=0)
-            if SMOOTH_K:
-                cmax = tl.maximum(cmax, tl.max(tl.where(m, x, float("-inf")), axis=0))
-                cmin = tl.minimum(cmin, tl.min(tl.where(m, x, float("inf")), axis=0))
-                csum += tl.sum(x, axis=0)
-            i += BLOCK_N
-    tl.store(ws + OFF_PAMAX + (t * BH + bh) * CHMAX + c, tl.max(amax, axis=0) + tl.sum(bad, axis=0))
-    if SMOOTH_K:
-        if t == 1:
-            p = ws + OFF_KSTAT + (bh.to(tl.int64) * CHMAX + c) * (3 * BLOCK_D) + offs_d
-            tl.store(p, cmax)
-            tl.store(p + BLOCK_D, cmin)
-            tl.store(p + 2 * BLOCK_D, csum)
+        limit = tl.minimum(i + chunk, tl.where(t == 0, NQ, NK))
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        out = ws + OFF_PAMAX + (t * BH + bh) * CHMAX + c
+        if SMOOTH_K:
+            if t == 1:  # k: per-channel extremes and sums, for the mean and the exact max of |k - mean|
+                cmax, cmin, csum = _channel_stats(base, sn, i, limit, offs_d, dmask, BLOCK_N, BLOCK_D)
+                p = ws + OFF_KSTAT + (bh.to(tl.int64) * CHMAX + c) * (3 * BLOCK_D) + offs_d
+                tl.store(p, cmax)
+                tl.store(p + BLOCK_D, cmin)
+                tl.store(p + 2 * BLOCK_D, csum)
+            else:
+                tl.store(out, _abs_stats(base, sn, i, limit, offs_d, dmask, BLOCK_N, BLOCK_D))
+        else:
+            tl.store(out, _abs_stats(base, sn, i, limit, offs_d, dmask, BLOCK_N, BLOCK_D))
 
 
 @triton.jit
@@ -96,8 +117,6 @@ def _finalize(ws, BH, NK, D, NCQ, NCK, CHMAX, OFF_HAMAX, OFF_MEAN, OFF_PAMAX, OF
     nch = tl.where(t == 0, NCQ, NCK)
     offs_c = tl.arange(0, CH_P)
     cm = offs_c < nch
-    part = tl.load(ws + OFF_PAMAX + (t * BH + bh) * CHMAX + offs_c, mask=cm, other=0.0)
-    amax = tl.max(part, axis=0) + tl.sum(part * 0.0, axis=0)  # NaN stays NaN
     if SMOOTH_K:
         if t == 1:
             offs_d = tl.arange(0, BLOCK_D)
@@ -109,8 +128,14 @@ def _finalize(ws, BH, NK, D, NCQ, NCK, CHMAX, OFF_HAMAX, OFF_MEAN, OFF_PAMAX, OF
             mean = tl.sum(tl.load(p + 2 * BLOCK_D, mask=m, other=0.0), axis=0) / NK
             mean = tl.where(dmask, mean, 0.0)
             dev = tl.where(dmask, tl.maximum(mx - mean, mean - mn), 0.0)
-            amax = tl.max(dev, axis=0) + tl.sum(dev * 0.0, axis=0)
+            amax = tl.max(dev, axis=0) + tl.sum(dev * 0.0, axis=0)  # NaN stays NaN
             tl.store(ws + OFF_MEAN + bh * BLOCK_D + offs_d, mean)
+        else:
+            part = tl.load(ws + OFF_PAMAX + (t * BH + bh) * CHMAX + offs_c, mask=cm, other=0.0)
+            amax = tl.max(part, axis=0) + tl.sum(part * 0.0, axis=0)
+    else:
+        part = tl.load(ws + OFF_PAMAX + (t * BH + bh) * CHMAX + offs_c, mask=cm, other=0.0)
+        amax = tl.max(part, axis=0) + tl.sum(part * 0.0, axis=0)
     tl.store(ws + OFF_HAMAX + t * BH + bh, amax)
 
 
