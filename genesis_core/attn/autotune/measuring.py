@@ -28,7 +28,7 @@ from ... import progress
 from ..._device import synchronize
 from ..._log import first_line
 from ..._memory import scores_refusal
-from ..._timing import repeat, time_runs
+from ..._timing import inner_count, repeat, rotated, time_runs
 from .. import registry
 from .ranking import error_verdict, pick
 from ..types import AttentionCall
@@ -191,7 +191,7 @@ def _time_survivors(call, survivors, ms, rejected, notes, budget, elapsed) -> No
             notes[n] = f"timed once: over {SLOW_FACTOR:g}x the fastest probe"
     slowest = max(probes[n] for n in timed)
     # Several back-to-back runs per sample when a run is short, so launch gaps and clock granularity stay out.
-    inner = int(max(1, min(50, 0.5 / max(best, 1e-4))))
+    inner = inner_count(best)
     rounds = int(max(MIN_REPS, min(MAX_REPS, CANDIDATE_TARGET_MS / max(slowest * inner, 1e-3))))
     if device.type == "cpu":
         rounds = MIN_REPS
@@ -200,7 +200,7 @@ def _time_survivors(call, survivors, ms, rejected, notes, budget, elapsed) -> No
         order = list(samples)
         if not order:
             break
-        for n in order[r % len(order):] + order[:r % len(order)]:  # rotated: no fixed position
+        for n in rotated(order, r):  # no fixed position
             if n not in samples:
                 continue
             run = registry.get(n).run
