@@ -53,3 +53,53 @@ def test_switching_twice_keeps_one_override_and_one_wrapper(sampling):
 
 def test_backend_select_model_clone_samples_through_comfy(sampling):
     assert sampling["placement"] == {"load_device": "cpu", "is_clone": True, "equal": True, "original_load_device": "cpu"}
+
+
+# ---------------------------------------------------------------- the end-to-end GPU script, dry run on CPU
+
+
+@pytest.fixture(scope="module")
+def e2e_dry_run(tmp_path_factory):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("e2e")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu" / "comfy_e2e_gpu.py"
+    env = dict(os.environ, COMFYUI_PATH=str(comfyui_path()), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(script), "--cpu-dry-run", "--out", str(out), "--rounds", "2",
+                           "--steps", "2", "--reps", "3"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, json.loads((out / "comfy_e2e_gpu.json").read_text())
+
+
+def test_e2e_script_times_every_model_and_level(e2e_dry_run):
+    text, data = e2e_dry_run
+    assert set(data["models"]) == {"wan", "sdxl", "flux"} and not data["errors"]
+    for name, res in data["models"].items():
+        assert set(res["s_per_step"]) == {"comfy", "exact", "high", "fast"}, name
+        assert all(t > 0 for t in res["s_per_step"].values()) and set(res["first_call_s"]) == set(res["s_per_step"])
+        # float32 on CPU: every level is served by exact kernels, so the sampled latents agree closely
+        assert all(d < 1e-4 for d in res["latent_rel_diff"].values()), (name, res["latent_rel_diff"])
+        for level, table in res["served"].items():
+            served = {b for _, counts in table for b in counts}
+            assert table and not any(b.startswith("comfy:") for b in served), (name, level, table)
+    wan = data["models"]["wan"]["info"]
+    assert (wan["layers"], wan["heads"], wan["batch"]) == (2, 4, 2)
+
+
+def test_e2e_script_checks_the_autotuner_against_plain_timings(e2e_dry_run):
+    text, data = e2e_dry_run
+    chk = data["checks"]["wan_autotuner"]
+    assert chk["shape"] == "B2 H4 N48 D16 float32" and chk["strides"]["contiguous_bnhd"]
+    assert "sdpa" in chk["autotuner_ms"] and "sdpa" in chk["autotuner_again_ms"]
+    plain = chk["plain_ms"]
+    assert plain["genesis sdpa.run(call)"]["median_ms"] > 0
+    assert plain["comfy attention_pytorch (ComfyUI's own function)"]["median_ms"] > 0
+    assert chk["kernels"]["genesis sdpa.run(call)"] and chk["in_model_attention"]
+    assert "plain timing" in chk["verdict"] and chk["step_ms_per_layer"] > 0
+    assert any(v["what"].startswith("wan exact") for v in data["verdicts"])
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert lines[-1].startswith("elapsed") and any(ln.startswith(("PASS", "FAIL")) for ln in lines[-12:])
