@@ -211,6 +211,24 @@ def test_triton_kernels_match_the_reference_bit_for_bit(layout, B, H, NQ, NK, D,
 
 
 @needs_interpreter
+def test_per_tensor_launches_give_the_same_result():
+    q, k, v = _inputs("BNHD", 1, 2, 37, 50, 32, torch.bfloat16, k_bias=20.0, seed=5)
+    fused = fp8.quantize_qkv(q, k, v, "tensor", smooth_k=True, launches="fused")
+    _same(fp8.quantize_qkv(q, k, v, "tensor", smooth_k=True, launches="per_tensor"), fused)
+    with pytest.raises(ValueError, match="launches must be one of"):
+        fp8.quantize_qkv(q, k, v, launches="sometimes")
+
+
+def test_launch_order_uses_l2_only_where_one_tensor_fits_and_three_do_not():
+    mb = 1 << 20
+    l2 = 50 * mb  # an H100/H200
+    assert fp8.order_for([10 * mb] * 3, l2) == "fused"  # SDXL: all three fit
+    assert fp8.order_for([28 * mb] * 3, l2) == "per_tensor"  # Flux: one fits, three do not
+    assert fp8.order_for([335 * mb] * 3, l2) == "fused"  # Wan: none fits
+    assert fp8.launch_order(*(torch.zeros(1, 1, 4, 16),) * 3) == "fused"  # CPU
+
+
+@needs_interpreter
 def test_triton_heads_spanning_several_chunks():
     # D=128 tiles hold 32 tokens; 100 tokens make 4 chunks of 32 per head: the maxima sit on chunk ends
     q, k, v = _inputs("BNHD", 1, 1, 100, 100, 128, torch.bfloat16, k_bias=5.0, seed=3)

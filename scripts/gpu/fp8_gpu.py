@@ -261,9 +261,12 @@ def timing_section(sname, shape, call, device, plans):
         if registry.get("fa3").available() is None:
             add("fa3 bf16 (exact)", lambda: registry.get("fa3").run(call))
         if fp8.triton_missing() is None:
-            for g, s in (("head", True), ("head", False), ("tensor", True)):
-                add(f"quantise q,k,v: Triton, {g}{' + smooth k' if s else ''}",
-                    lambda g=g, s=s: fp8.quantize_qkv(call.q, call.k, call.v, g, s), bytes_moved=elems * 5, host=True)
+            auto = fp8.launch_order(call.q, call.k, call.v)
+            for g, s, order in (("head", True, auto), ("head", True, "fused" if auto != "fused" else "per_tensor"),
+                                ("head", False, auto), ("tensor", True, auto)):
+                add(f"quantise q,k,v: Triton, {g}{' + smooth k' if s else ''}, {order} launches",
+                    lambda g=g, s=s, o=order: fp8.quantize_qkv(call.q, call.k, call.v, g, s, launches=o),
+                    bytes_moved=elems * 5, host=True)
         add("quantise q,k,v: unfused PyTorch, head + smooth k",
             lambda: fp8.quantize_qkv_reference(call.q, call.k, call.v, "head", True), bytes_moved=elems * 5)
         if fa3_fp8.backend.available() is None:

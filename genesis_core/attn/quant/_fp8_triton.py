@@ -12,7 +12,9 @@ q, k and v are quantised together, program axis 2 picking the tensor, in three l
    chunk 0 of each head writes the descale.
 
 Inputs are read through their strides (BNHD or BHND views, contiguous last dim), twice, and written once
-in fp8: 5 bytes moved per element against a floor of 3 (read once, write once). ``_dequant`` turns an
+in fp8: 5 bytes moved per element against a floor of 3 (read once, write once). With ``per_tensor`` launches
+the three steps run for one tensor after the other (9 launches), so a tensor that fits in L2 (Flux's 28 MB)
+is read the second time from L2. ``_dequant`` turns an
 e4m3 [B, N, H, D] attention output back into half precision times a per-head factor (3 bytes per element).
 """
 from __future__ import annotations
@@ -80,10 +82,10 @@ def _channel_stats(base, sn, i, limit, offs_d, dmask, BLOCK_N: tl.constexpr, BLO
 
 @triton.jit
 def _stats(q, k, v, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, BH, NQ, NK, D, CHQ, CHK, NCQ, NCK, CHMAX,
-           ws, OFF_PAMAX, OFF_KSTAT, SMOOTH_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+           ws, OFF_PAMAX, OFF_KSTAT, T0, SMOOTH_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    t = tl.program_id(2)
+    t = tl.program_id(2) + T0
     nch = tl.where(t == 0, NCQ, NCK)
     if c < nch:  # chunks past this tensor's end write nothing (_finalize reads only c < nch)
         b = (bh // H).to(tl.int64)
@@ -110,10 +112,10 @@ def _stats(q, k, v, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, BH, NQ, NK, 
 
 
 @triton.jit
-def _finalize(ws, BH, NK, D, NCQ, NCK, CHMAX, OFF_HAMAX, OFF_MEAN, OFF_PAMAX, OFF_KSTAT,
+def _finalize(ws, BH, NK, D, NCQ, NCK, CHMAX, OFF_HAMAX, OFF_MEAN, OFF_PAMAX, OFF_KSTAT, T0,
               SMOOTH_K: tl.constexpr, CH_P: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(0)
-    t = tl.program_id(1)
+    t = tl.program_id(1) + T0
     nch = tl.where(t == 0, NCQ, NCK)
     offs_c = tl.arange(0, CH_P)
     cm = offs_c < nch
@@ -141,11 +143,11 @@ def _finalize(ws, BH, NK, D, NCQ, NCK, CHMAX, OFF_HAMAX, OFF_MEAN, OFF_PAMAX, OF
 
 @triton.jit
 def _cast(q, k, v, out, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, BH, NQ, NK, D, CHQ, CHK, NCQ, NCK,
-          OUT_K, OUT_V, ws, OFF_DESC, OFF_HAMAX, OFF_MEAN, SMOOTH_K: tl.constexpr, PER_TENSOR: tl.constexpr,
+          OUT_K, OUT_V, ws, OFF_DESC, OFF_HAMAX, OFF_MEAN, T0, SMOOTH_K: tl.constexpr, PER_TENSOR: tl.constexpr,
           EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BH_P: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    t = tl.program_id(2)
+    t = tl.program_id(2) + T0
     if PER_TENSOR:
         offs_h = tl.arange(0, BH_P)
         heads = tl.load(ws + OFF_HAMAX + t * BH + offs_h, mask=offs_h < BH, other=0.0)
@@ -221,9 +223,10 @@ def chunks(n: int, block_n: int) -> Tuple[int, int]:
 
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, per_tensor: bool, smooth_k: bool,
-                 exact: bool):
+                 exact: bool, launches: str = "fused"):
     """(q8, k8, v8, descale [3, B, H], k_mean or None) for BHND views q [B, H, Nq, D], k/v [B, H, Nk, D]
-    (validated by the caller: one dtype and device, equal B/H/D, contiguous last dim)."""
+    (validated by the caller: one dtype and device, equal B/H/D, contiguous last dim). ``launches``:
+    ``fused`` (3 launches for the three tensors) or ``per_tensor`` (3 per tensor, one tensor after the other)."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     BH = B * H
@@ -240,15 +243,18 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, per_tensor: 
     eq, ek = B * NQ * H * D, B * NK * H * D
     out = torch.empty(eq + 2 * ek, dtype=torch.float8_e4m3fn, device=q.device)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
-    grid = (chmax, BH, 3)
-    _stats[grid](q, k, v, *strides, H, BH, NQ, NK, D, chq, chk, ncq, nck, chmax, ws, off_pamax, off_kstat,
-                 SMOOTH_K=smooth_k, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=NUM_WARPS)
-    _finalize[(BH, 3)](ws, BH, NK, D, ncq, nck, chmax, off_hamax, off_mean, off_pamax, off_kstat,
-                       SMOOTH_K=smooth_k, CH_P=max(2, triton.next_power_of_2(chmax)), BLOCK_D=block_d,
-                       num_warps=NUM_WARPS)
-    _cast[grid](q, k, v, out, *strides, H, BH, NQ, NK, D, chq, chk, ncq, nck, eq, eq + ek, ws, 0, off_hamax,
-                off_mean, SMOOTH_K=smooth_k, PER_TENSOR=per_tensor, EXACT=exact, BLOCK_N=block_n,
-                BLOCK_D=block_d, BH_P=max(2, triton.next_power_of_2(BH)), num_warps=NUM_WARPS)
+    meta = dict(num_warps=NUM_WARPS)
+    # fused: each launch covers q, k and v (3 launches). per_tensor: stats, finalize and cast of one tensor
+    # after the other (9 launches), so a tensor that fits in L2 is read the second time from L2.
+    groups = ((0, 3),) if launches == "fused" else ((0, 1), (1, 1), (2, 1))
+    for t0, n in groups:
+        _stats[(chmax, BH, n)](q, k, v, *strides, H, BH, NQ, NK, D, chq, chk, ncq, nck, chmax, ws, off_pamax,
+                               off_kstat, t0, SMOOTH_K=smooth_k, BLOCK_N=block_n, BLOCK_D=block_d, **meta)
+        _finalize[(BH, n)](ws, BH, NK, D, ncq, nck, chmax, off_hamax, off_mean, off_pamax, off_kstat, t0,
+                           SMOOTH_K=smooth_k, CH_P=max(2, triton.next_power_of_2(chmax)), BLOCK_D=block_d, **meta)
+        _cast[(chmax, BH, n)](q, k, v, out, *strides, H, BH, NQ, NK, D, chq, chk, ncq, nck, eq, eq + ek, ws, 0,
+                              off_hamax, off_mean, t0, SMOOTH_K=smooth_k, PER_TENSOR=per_tensor, EXACT=exact,
+                              BLOCK_N=block_n, BLOCK_D=block_d, BH_P=max(2, triton.next_power_of_2(BH)), **meta)
     q8 = out[:eq].view(B, NQ, H, D)
     k8 = out[eq:eq + ek].view(B, NK, H, D)
     v8 = out[eq + ek:].view(B, NK, H, D)

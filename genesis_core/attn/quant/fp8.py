@@ -23,7 +23,8 @@ layout both kernels read natively, and descales [3, B, H]):
 * :func:`quantize_qkv_reference`: plain PyTorch (several passes; also the "unfused" baseline);
 * :func:`quantize_qkv`: Triton kernels (:mod:`._fp8_triton`, imported on first use) reading the caller's
   layout through its strides (BNHD or BHND, any batch/head/token strides, contiguous last dim) and
-  writing fp8 in three launches: per-chunk statistics, per-head reduction, scale-and-cast.
+  writing fp8 in three steps (per-chunk statistics, per-head reduction, scale-and-cast), launched for the
+  three tensors at once or, where one tensor fits in L2 and three do not, one tensor after the other.
 :func:`quantize_reference` also offers per-block scales (for error studies: neither kernel takes them).
 """
 from __future__ import annotations
@@ -227,22 +228,45 @@ def _triton_device_check(x: torch.Tensor) -> None:
                          f"got a tensor on {x.device}")
 
 
+LAUNCHES = ("auto", "fused", "per_tensor")
+L2_SHARE = 0.6  # the part of the L2 cache a tensor may fill and still be read back from it
+
+
+def launch_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """``fused`` (q, k, v in each of 3 launches) unless q, k and v together overflow the L2 cache while each
+    one alone fits: then ``per_tensor`` (9 launches, each tensor's second read served from L2)."""
+    if q.device.type != "cuda":
+        return "fused"
+    l2 = getattr(torch.cuda.get_device_properties(q.device), "L2_cache_size", 0)
+    return order_for([t.numel() * t.element_size() for t in (q, k, v)], l2)
+
+
+def order_for(sizes, l2_bytes: int) -> str:
+    """:func:`launch_order` from the three tensors' sizes and the L2 size (bytes)."""
+    room = l2_bytes * L2_SHARE
+    return "per_tensor" if sum(sizes) > room >= max(sizes) else "fused"
+
+
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, granularity: str = "head",
-                 smooth_k: bool = True, exact_round: Optional[bool] = None) -> FP8QKV:
+                 smooth_k: bool = True, exact_round: Optional[bool] = None, launches: str = "auto") -> FP8QKV:
     """Quantise q, k, v ([B, H, N, D] BHND views, e.g. of contiguous [B, N, H, D] tensors) to e4m3 with the
     fused Triton kernels; same result as :func:`quantize_qkv_reference` (bit for bit, given the same k mean).
 
     granularity: ``head`` (one scale per (batch, head), what FA3 takes) or ``tensor``. smooth_k: subtract k's
     per-head mean first (softmax is unchanged). exact_round: round to e4m3 in float32 arithmetic before the
     cast instead of the hardware cast (same result; default: only under the interpreter, whose own cast
-    is not round-to-nearest-even). ImportError without Triton; ValueError/TypeError for bad inputs.
+    is not round-to-nearest-even). launches: ``fused``, ``per_tensor`` or ``auto`` (:func:`launch_order`); the
+    result is the same. ImportError without Triton; ValueError/TypeError for bad inputs.
     """
     _check_qkv(q, k, v, granularity)
+    if launches not in LAUNCHES:
+        raise ValueError(f"launches must be one of {', '.join(LAUNCHES)}; got {launches!r}")
     _triton_device_check(q)
     kern = _kernels()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     exact = interpreting() if exact_round is None else bool(exact_round)
-    return FP8QKV(*kern.quantize_qkv(q, k, v, granularity == "tensor", bool(smooth_k), exact))
+    order = launch_order(q, k, v) if launches == "auto" else launches
+    return FP8QKV(*kern.quantize_qkv(q, k, v, granularity == "tensor", bool(smooth_k), exact, order))
 
 
 def dequantize_output(o8: torch.Tensor, descale: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:
@@ -262,6 +286,6 @@ def dequantize_output(o8: torch.Tensor, descale: torch.Tensor, factor: float, dt
 
 __all__ = [
     "E4M3", "E4M3_MAX", "FP8QKV", "GRANULARITIES", "KERNEL_GRANULARITIES", "Quantized", "dequantize",
-    "dequantize_output", "interpreting", "quantize_qkv", "quantize_qkv_reference", "quantize_reference",
-    "scale_exponents", "triton_missing",
+    "dequantize_output", "interpreting", "LAUNCHES", "launch_order", "order_for", "quantize_qkv",
+    "quantize_qkv_reference", "quantize_reference", "scale_exponents", "triton_missing",
 ]
