@@ -246,8 +246,15 @@ def _entry() -> None:
                             "table": [[s, c] for s, c in override.last_run],
                             "apply_model_wrappers": sum(len(v) for v in wrappers.values()),
                             "seconds": time.perf_counter() - t0})
+    def step_wrappers(m):
+        return sum(len(v) for v in m.wrappers.get(pe.WrappersMP.APPLY_MODEL, {}).values())
+
+    once = SWITCH().execute(base, "auto", "fast", 2)[0]
+    twice = {"steps_then_steps": step_wrappers(SWITCH().execute(once, "auto", "high", 1)[0]),
+             "steps_then_exact": step_wrappers(SWITCH().execute(once, "sdpa", "exact", 3)[0]),
+             "first": step_wrappers(once)}
     print("GENESIS_RESULT " + json.dumps({
-        "results": results, "original_untouched": repr(base.model_options) == options_before,
+        "results": results, "twice": twice, "original_untouched": repr(base.model_options) == options_before,
         "original_wrappers": sum(len(v) for w in base.wrappers.values() for v in w.values()),
         "global_untouched": comfy_attention.optimized_attention is optimized_before}), flush=True)
 
@@ -308,3 +315,8 @@ def test_comfy_sampling_leaves_the_input_model_and_comfyui_untouched(sampled):
     assert sampled["original_untouched"] and sampled["original_wrappers"] == 0
     assert sampled["global_untouched"]
     assert "steps at exact: 0, 5 of 6" in sampled["_stderr"]
+
+
+def test_switching_twice_keeps_one_step_wrapper(sampled):
+    # the second switch replaces the first's wrappers; with nothing held below exact it needs none
+    assert sampled["twice"] == {"steps_then_steps": 1, "steps_then_exact": 0, "first": 1}
