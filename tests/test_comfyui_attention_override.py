@@ -257,6 +257,16 @@ def test_a_new_signature_level_or_registry_change_takes_the_full_path(monkeypatc
     registry.changed()  # e.g. the autotuner cleared or a backend re-probed: plans may be stale
     override(None, q, k, v, heads)
     assert len(seen) == 4
+    override.level = None  # the engine's default level, which can change underneath
+    override(None, q, k, v, heads)
+    engine.set_default_quality("fast")
+    try:
+        override(None, q, k, v, heads)
+    finally:
+        engine.set_default_quality(None)
+    override(None, q, k, v, heads)
+    assert len(seen) == 5 + 1 and seen[4:] == [None, None]
+    seen[:] = seen[:4]
     # An input a view cannot split: prepared too, with a copy where ComfyUI's own view would fail.
     qt = torch.randn(B, heads * D, NQ).transpose(1, 2)
     out1 = override(None, qt, k, v, heads)

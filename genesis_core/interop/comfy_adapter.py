@@ -129,7 +129,9 @@ class GenesisAttentionOverride:
     # ------------------------------------------------------------ the call
 
     def __call__(self, func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
-        key = call_key(args, kwargs, self.level, self._dispatch.get_default_backend() if self._auto else None)
+        # An unset level is the engine's default, resolved here so a changed default is a new signature.
+        key = call_key(args, kwargs, self.level or _quality.default(),
+                       self._dispatch.get_default_backend() if self._auto else None)
         if key is not None:
             try:
                 prepared = self._prepared.get(key)

@@ -49,11 +49,11 @@ _registry.on_change(_registry_changed)
 
 def call_key(args: Tuple[Any, ...], kwargs: Dict[str, Any], level: Optional[str], context: Any) -> Optional[tuple]:
     """What a prepared function is keyed by: the shapes and strides of q, k, v (what the views depend on),
-    q's dtype, heads, attn_precision, the two reshape flags, the level, whether autograd is on, the registry
-    generation and ``context`` (what ``auto`` resolves to); None for calls that always take the full path (a
-    mask, positional arguments beyond ComfyUI's, something that is not a tensor). Devices and the other
-    dtypes are left out: a call whose k or v differ from q there fails in the kernel, and the full path
-    then checks it and says why."""
+    q's dtype and device, heads, attn_precision, the two reshape flags, the level, whether autograd is on, the
+    registry generation and ``context`` (what ``auto`` resolves to); None for calls that always take the full
+    path (a mask, positional arguments beyond ComfyUI's, something that is not a tensor). k's and v's dtypes
+    and devices are left out: a call where they differ from q's fails in the kernel, and the full path then
+    checks it and says why."""
     n = len(args)
     if n < 3 or n > 8:
         return None
@@ -62,7 +62,7 @@ def call_key(args: Tuple[Any, ...], kwargs: Dict[str, Any], level: Optional[str]
         return None
     q, k, v = args[0], args[1], args[2]
     try:
-        return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype,
+        return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device,
                 args[3] if n > 3 else get("heads"), args[5] if n > 5 else get("attn_precision"),
                 args[6] if n > 6 else get("skip_reshape", False),
                 args[7] if n > 7 else get("skip_output_reshape", False), level, _grad_enabled(), _generation[0],
