@@ -460,7 +460,7 @@ def test_sage_1x_gets_a_smoothed_copy_and_the_callers_k_is_untouched(fakes):
     assert rel_err(out.transpose(1, 2), reference_attention(*(t.transpose(1, 2) for t in (q, k, v)))) < 3e-2
 
 
-@pytest.mark.parametrize("cap, cls, kernel", [((9, 0), "fp8", "sm90"), ((8, 9), "fp8", "pv_fp8_cuda"),
+@pytest.mark.parametrize("cap, cls, kernel", [((9, 0), "int8", "sm90"), ((8, 9), "int8", "pv_fp8_cuda"),
                                               ((8, 0), "int8", "pv_fp16_cuda"), ((8, 6), "int8", "triton")])
 def test_sage_precision_is_the_class_of_what_sageattn_runs_here(fakes, cap, cls, kernel):
     fakes.sage(sage2_module())
@@ -468,7 +468,9 @@ def test_sage_precision_is_the_class_of_what_sageattn_runs_here(fakes, cap, cls,
     b = registry.get("sage")
     assert dispatch.effective_quality("sage", None) == {"fp8": "fast", "int8": "high"}[cls]  # probes first
     assert b.precision == cls and kernel in b.description()
-    assert [registry.get(n).precision for n in ("sage2_fp8", "sage2_fp16", "sage2_triton")] == ["fp8", "int8", "int8"]
+    # every SageAttention kernel is class int8 (8-bit Q·Kᵀ); only kernels with q, k and v all in FP8 are fp8
+    assert [registry.get(n).precision for n in ("sage2_fp8", "sage2_fp16", "sage2_triton")] == ["int8", "int8", "int8"]
+    assert [registry.get(n).precision for n in ("fa3_fp8", "fp8_cudnn")] == ["fp8", "fp8"]
     assert all(registry.get(n).precision == "exact" for n in ("flash", "fa2", "fa3", "fa4"))
 
 

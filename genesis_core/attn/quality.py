@@ -4,10 +4,10 @@ Every call carries a budget (``attention(..., quality=...)``; default ``exact``,
 
 * ``exact``: bf16/fp16 rounding level. Only kernels that compute attention in the input precision
   (precision class ``exact``: SDPA and its sub-kernels, FlashAttention 2/3/4, xformers, the math path).
-* ``high``: adds 8-bit kernels that keep the softmax·V product near half precision (class ``int8``:
-  SageAttention's INT8 Q·Kᵀ kernels).
-* ``fast``: adds kernels that quantise every operand to FP8 (class ``fp8``: cuDNN and FA3 FP8 attention,
-  SageAttention 2's FP8 P·V).
+* ``high``: adds SageAttention's kernels (class ``int8``: INT8 Q·Kᵀ of smoothed keys; P·V in FP16, or in FP8
+  with FP32 accumulation).
+* ``fast``: adds kernels that quantise q, k and v all to FP8 (class ``fp8``: cuDNN and FA3 FP8 attention after
+  Genesis's fused quantisation).
 
 A level both *admits* precision classes (a kernel of a class outside the level is never tried) and
 *bounds the measured error*: the autotuner compares each candidate with a float64 reference on a slice

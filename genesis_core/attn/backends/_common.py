@@ -45,3 +45,19 @@ def additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[
         out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
         return out.masked_fill_(~mask, float("-inf"))
     return mask.to(dtype)
+
+
+def dead_rows(mask: torch.Tensor) -> torch.Tensor:
+    """[..., Nq|1, 1] flags of the query rows with no key to attend to: a boolean mask False on every key, or an
+    additive one -inf on every key (a reduction: no mask-sized temporary). Such rows return 0 on every backend."""
+    if mask.dtype == torch.bool:
+        return mask.any(-1, keepdim=True).logical_not_()
+    return mask.amax(-1, keepdim=True) == float("-inf")
+
+
+def zero_dead_rows(out: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``out`` with the fully masked rows of ``mask`` set to 0 (out of place when autograd records it)."""
+    if mask is None:
+        return out
+    dead = dead_rows(mask)
+    return out.masked_fill(dead, 0.0) if out.requires_grad else out.masked_fill_(dead, 0.0)

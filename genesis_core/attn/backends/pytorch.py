@@ -27,6 +27,7 @@ import torch
 
 from ..registry import Backend, register
 from ..types import AttentionCall
+from ._common import dead_rows
 
 SCORE_BUDGET_BYTES = 256 * 1024 * 1024  # everything one query block allocates (see the module docstring)
 
@@ -98,13 +99,6 @@ def query_block(call: AttentionCall, budget: int = SCORE_BUDGET_BYTES) -> int:
     return plan(call, budget)[1]
 
 
-def _dead_rows(mask: torch.Tensor) -> torch.Tensor:
-    """[..., Nq|1, 1] flags of the rows with no key to attend to (a reduction: no mask-sized temporary)."""
-    if mask.dtype == torch.bool:
-        return mask.any(-1, keepdim=True).logical_not_()
-    return mask.amax(-1, keepdim=True) == float("-inf")
-
-
 def run(call: AttentionCall, budget: int = SCORE_BUDGET_BYTES) -> torch.Tensor:
     q, k, v, mask = call.q, call.k, call.v, call.mask
     b, hq, nq, d = q.shape
@@ -115,7 +109,7 @@ def run(call: AttentionCall, budget: int = SCORE_BUDGET_BYTES) -> torch.Tensor:
     if mask is not None:
         # [B|1, H|1, Nq|1, Nk] -> [B|1, Hkv|1, G|1, Nq|1, Nk], matching the [B, Hkv, G, rows, Nk] scores.
         mask = mask.unsqueeze(2) if mask.shape[1] == 1 else mask.unflatten(1, (hkv, g))
-        dead = _dead_rows(mask)
+        dead = dead_rows(mask)
         if q.device.type == "cpu" and not bool(dead.any()):  # (free to ask on CPU; elsewhere it would sync)
             dead = None
     out = torch.empty((b, hkv, g, nq, dv), dtype=q.dtype, device=q.device)

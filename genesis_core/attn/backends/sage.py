@@ -46,7 +46,10 @@ MAX_HEAD_DIM_2X = 128
 KEY_BLOCK_1X = 64
 PROBE_MAX_REL = 0.1  # the probe catches broken builds; the autotuner holds each call to its quality budget
 
+# min_kv_len: with one key, k minus its mean (the smoothing) is all zeros and the INT8 scale is 0/0: NaN (seen on an
+# H200, 2026-12-01, SageAttention 2.2.0 source build, Nq = Nk = 1).
 LIMITS = Limits(devices=("cuda",), dtypes=HALF, max_head_dim=MAX_HEAD_DIM_2X, equal_v_head_dim=True, mask=False,
+                min_kv_len=2,
                 autograd=False)
 
 _sageattn = None
@@ -133,8 +136,8 @@ def dispatched(cap: Tuple[int, int]) -> Tuple[str, str]:
     """(kernel name, precision class) of what 2.x's ``sageattn`` runs on compute capability ``cap`` (core.py)."""
     arch = f"sm{cap[0]}{cap[1]}"
     table = {"sm80": ("sageattn_qk_int8_pv_fp16_cuda", "int8"), "sm86": ("sageattn_qk_int8_pv_fp16_triton", "int8"),
-             "sm89": ("sageattn_qk_int8_pv_fp8_cuda", "fp8"), "sm90": ("sageattn_qk_int8_pv_fp8_cuda_sm90", "fp8"),
-             "sm120": ("sageattn_qk_int8_pv_fp8_cuda", "fp8"), "sm121": ("sageattn_qk_int8_pv_fp8_cuda", "fp8")}
+             "sm89": ("sageattn_qk_int8_pv_fp8_cuda", "int8"), "sm90": ("sageattn_qk_int8_pv_fp8_cuda_sm90", "int8"),
+             "sm120": ("sageattn_qk_int8_pv_fp8_cuda", "int8"), "sm121": ("sageattn_qk_int8_pv_fp8_cuda", "int8")}
     return table.get(arch, (f"none for {arch}", "int8"))
 
 

@@ -17,7 +17,7 @@ from ..._memory import scores_refusal
 from ..limits import Limits, check
 from ..registry import Backend, register
 from ..types import AttentionCall
-from ._common import HALF_DTYPES, expand_kv
+from ._common import HALF_DTYPES, expand_kv, zero_dead_rows
 
 _TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 SDPA_GQA = _TORCH >= (2, 5)  # enable_gqa= exists from torch 2.5
@@ -43,14 +43,19 @@ def _mask_for_sdpa(call: AttentionCall) -> Optional[torch.Tensor]:
 
 
 def sdpa(call: AttentionCall, native_gqa: bool = True) -> torch.Tensor:
-    """Run SDPA on the call (BHND in, BHND out), using native GQA where torch has it and ``native_gqa``."""
+    """Run SDPA on the call (BHND in, BHND out), using native GQA where torch has it and ``native_gqa``.
+
+    Fully masked query rows are 0 (PyTorch's CPU kernels already return 0 there; its cuDNN kernel returned other
+    values on an H200, 2026-12-01, so the rows are zeroed after every masked call)."""
     if call.mask is None and call.q.shape[1] == call.k.shape[1]:  # the common case, kept short
         return F.scaled_dot_product_attention(call.q, call.k, call.v, scale=call.scale)
     mask = _mask_for_sdpa(call)
     if call.gqa and SDPA_GQA and native_gqa:
-        return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=mask, scale=call.scale, enable_gqa=True)
-    k, v = expand_kv(call)
-    return F.scaled_dot_product_attention(call.q, k, v, attn_mask=mask, scale=call.scale)
+        out = F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=mask, scale=call.scale, enable_gqa=True)
+    else:
+        k, v = expand_kv(call)
+        out = F.scaled_dot_product_attention(call.q, k, v, attn_mask=mask, scale=call.scale)
+    return zero_dead_rows(out, mask)
 
 
 def _direct(call: AttentionCall) -> Optional[Callable[..., torch.Tensor]]:

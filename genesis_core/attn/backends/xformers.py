@@ -16,7 +16,7 @@ from ..._log import first_line
 from ..limits import Limits
 from ..registry import Backend, register
 from ..types import AttentionCall
-from ._common import additive_mask, expand_kv, module_present, package_version
+from ._common import additive_mask, dead_rows, expand_kv, module_present, package_version
 
 _ops = None
 
@@ -63,7 +63,7 @@ def run(call: AttentionCall) -> torch.Tensor:
         bias.copy_(additive_mask(call.mask, call.dtype).expand(b, h, nq, nk))
         # A row that is -inf on every key (in q's dtype) is NaN in a softmax kernel, xformers' too; Genesis' rule,
         # PyTorch SDPA's, is 0. Such rows get a zero bias (a finite softmax, finite gradients) and a zeroed output.
-        dead = bias.amax(-1, keepdim=True) == float("-inf")
+        dead = dead_rows(bias)
         bias.masked_fill_(dead, 0.0)
     out = _ops.memory_efficient_attention(
         call.q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, scale=call.scale
