@@ -7,6 +7,7 @@ Quick tour (the spec's section 2)::
     ex.register_backend(ComputeBackend.CUDA, torch.device("cuda:1"))  # registering chooses the device
     y = ex.execute_on_backend(ComputeBackend.CUDA, fn, x)         # y lands where x came from
     ys = ex.parallel_execute(fn, [x1, x2], [ComputeBackend.CPU, "cuda"])
+    ys = ex.parallel_execute(fn, [x1, x2], placement="ray")       # on the GPUs of a Ray cluster's hosts
     y = ex.split_execute(fn, x, ["cpu", "cuda"], dim=0)           # split by measured throughput, gathered
 
 This module is the public API (registration, execution, telemetry). Each registration is a *worker*
@@ -34,21 +35,14 @@ from .errors import BackendNotRegisteredError, BackendUnavailableError, Parallel
 from .placement import ReplicaCache, ReplicaMode, reachable_modules
 from .split_plan import SplitPlanner, batch_args, calibration_key, gather, owns_memory, plan_shares, slice_args
 from .workers import (INPUT, THREADS_PER_WORKER, BackendLike, DeviceLike, Worker, build_worker, current_worker,
-                      detected_worker, prepare, return_target, run_jobs)
-from .workers import local as _local
-from .workers import mover as _mover
+                      detected_worker, prepare, return_target, run_jobs, local as _local, mover as _mover)
 
 __all__ = ["BackendLike", "BackendNotRegisteredError", "BackendUnavailableError", "DeviceLike", "HeterogeneousExecutor",
            "INPUT", "ParallelExecutionError", "THREADS_PER_WORKER", "Worker", "current_worker", "plan_shares"]
 
 
 class HeterogeneousExecutor:
-    """Runs functions on registered compute backends; thread-safe.
-
-    See the module docstring for the tour. Public methods: :meth:`register_backend`,
-    :meth:`unregister_backend`, :meth:`registered`, :meth:`execute_on_backend`, :meth:`parallel_execute`,
-    :meth:`split_execute`, :meth:`split_plan`, :meth:`place`, :meth:`release`, :meth:`stats`.
-    """
+    """Runs functions on registered compute backends; thread-safe (the module docstring has the tour)."""
 
     _genesis_opaque = True  # model discovery does not search the executor (a node may hold one)
     SPLIT_MARGIN = 0.10  # a split "loses" when slower than the best single worker's prediction by more than this
@@ -244,21 +238,33 @@ class HeterogeneousExecutor:
                 ctx.__exit__(None, None, None)
 
     # -- parallel -----------------------------------------------------------------------------------
-    def parallel_execute(self, fn: Callable[..., Any], data_splits: Sequence[Any], backends: Sequence[BackendLike],
-                         *, return_device: DeviceLike = INPUT) -> List[Any]:
+    def parallel_execute(self, fn: Callable[..., Any], data_splits: Sequence[Any],
+                         backends: Optional[Sequence[BackendLike]] = None, *, return_device: DeviceLike = INPUT,
+                         placement: str = "local", address: Optional[str] = None) -> List[Any]:
         """Run ``fn`` on each split concurrently, split ``i`` on ``backends[i]``; results in split order.
 
         A split that is a ``tuple`` is unpacked into positional arguments; anything else is the single
         argument. The same backend may appear several times. When splits fail, every other split still
         finishes, then :class:`ParallelExecutionError` names each failed split and backend.
 
+        ``placement="ray"``: one Ray task per split on the GPUs (``backends`` all ``"cpu"``: CPUs) of any host of a
+        cluster (``address``; empty: embedded here) — :mod:`genesis_core.parallel.ray_placement`.
+
         Raises:
             TypeError: ``fn`` not callable, or ``data_splits``/``backends`` not lists or tuples.
-            ValueError: no splits, or different lengths.
+            ValueError: no splits, different lengths, or an unknown ``placement``.
             BackendNotRegisteredError: a backend it cannot serve (before anything runs).
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable; got {type(fn).__name__}")
+        if placement == "ray":
+            from ..parallel.ray_placement import place_splits  # Ray is optional: imported only here
+
+            return place_splits(fn, data_splits, backends, None if return_device is INPUT else return_device, address)
+        if placement != "local":
+            raise ValueError(f"placement must be 'local' or 'ray'; got {placement!r}")
+        if backends is None:
+            raise TypeError("backends must be a list or tuple (one per split) with placement='local'; got None")
         splits = self._check_splits(data_splits, backends)
         workers = self._workers_for(backends)
         results, _ = self._run_parallel(fn, splits, workers, return_device, sync=False)
