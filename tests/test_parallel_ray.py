@@ -1,5 +1,6 @@
 """Workers placed by Ray on a two-"node" cluster that the test starts on 127.0.0.1 (``ray start --head`` plus a
-second ``ray start --address``) and stops: ComfyUI's Wan model sequence- and CFG-parallel across the two nodes
+second ``ray start --address``) and stops: everything of it (GCS, raylets, drivers, workers, their gloo group)
+listens and talks on 127.0.0.1 only; ComfyUI's Wan model sequence- and CFG-parallel across the two nodes
 equals one process; a killed worker fails the run with its rank named and the next pool works; and the Genesis
 Multi-GPU node on a real ComfyUI sampler (KSampler, a weight patch on the model) equals sampling without it.
 Skips without Ray (``pip install 'comfyui-genesis[ray]'``); the ComfyUI tests also without COMFYUI_PATH."""
@@ -8,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
-import textwrap
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -23,33 +26,130 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'comf
 COMFY = comfyui_path()
 TESTS = str(Path(__file__).resolve().parent)
 
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "RAY_AUTH_MODE": "disabled"}  # 127.0.0.1 only
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "RAY_AUTH_MODE": "disabled"}
+LOOPBACK = "127.0.0.1"
+TEMP_ROOT = Path("/tmp" if os.name == "posix" else tempfile.gettempdir())  # short: Ray's socket paths < 108 chars
+TEMP_PREFIX = "genesis-ray-"  # the cluster's --temp-dir: /tmp/genesis-ray-XXXXXXXX
+
+# `ray start --address` refuses to add a node when RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the switch that keeps Ray's
+# node-IP lookup on 127.0.0.1; with the switch on, it turns 127.0.0.1 (in --address and --node-ip-address) into
+# this machine's interface address by asking the route to 8.8.8.8. So the second node runs Ray's own CLI in a
+# Python whose lookup gives Ray's single-machine answer; the processes it starts read the switch off (env).
+_ADD_NODE = """
+import sys
+import ray._private.ray_constants as constants, ray._private.services as services, ray.util
+from ray._common.network_utils import get_localhost_ip
+def loopback(address=None):
+    return get_localhost_ip()
+constants.ENABLE_RAY_CLUSTER = True
+services.get_node_ip_address = ray.util.get_node_ip_address = loopback
+from ray.scripts.scripts import main
+sys.argv[0] = "ray"
+sys.exit(main())
+"""
 
 
-def _ray_cli(*args, env, timeout=180):
+def _ray_cli(*args, env, timeout=180, add_node=False):
     exe = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
-    out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    cmd = [sys.executable, "-c", _ADD_NODE, *args] if add_node else [exe, *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"ray {' '.join(args)} failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     return out
 
 
+def _cluster_processes(temp_dir):
+    """The processes of the cluster kept in ``temp_dir``: those naming it on their command line (GCS, raylets,
+    monitors, head) and all their descendants (agents, workers: their titles no longer name it)."""
+    import psutil
+
+    found = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(arg.endswith(temp_dir) or temp_dir + os.sep in arg for arg in proc.info["cmdline"] or ()):
+                for p in [proc, *proc.children(recursive=True)]:
+                    found[p.pid] = p
+        except psutil.Error:
+            pass
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def _stop_cluster(temp_dir):
+    """Kill this cluster's processes by pid (never another cluster's, unlike ``ray stop``); the ones left."""
+    import psutil
+
+    for _ in range(3):  # a raylet may start a worker while we look
+        procs = _cluster_processes(temp_dir)
+        if not procs:
+            break
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=15)
+    left = _cluster_processes(temp_dir)
+    if not left:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    return left
+
+
+def _owner_alive(temp_dir):
+    import psutil
+
+    try:
+        pid, started = (temp_dir / "owner").read_text().split()
+        return psutil.Process(int(pid)).create_time() == float(started)
+    except FileNotFoundError:  # no owner yet: a run starting right now, unless the folder is old
+        try:
+            return time.time() - temp_dir.stat().st_mtime < 60
+        except OSError:
+            return True  # gone already
+    except (OSError, ValueError, psutil.Error):
+        return False
+
+
+def _stop_stale_clusters():
+    """Clusters of earlier runs whose pytest died before its teardown (a live run's cluster is left alone)."""
+    for d in TEMP_ROOT.glob(TEMP_PREFIX + "*"):
+        if not _owner_alive(d):
+            _stop_cluster(str(d))
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    """Head + one more node, both on 127.0.0.1, 2 CPUs each; stopped at the end."""
-    port = free_port()
-    env = dict(os.environ, **RAY_ENV, PYTHONPATH=os.pathsep.join([str(REPO), TESTS]))
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats"]
+    """Head + one more node, both on 127.0.0.1 (GCS, raylets, object managers, workers), 2 CPUs each, in a fresh
+    temp dir (a stale /tmp/ray cannot point anyone elsewhere); its processes are killed at the end, also when
+    starting it failed."""
+    import psutil
+
+    from genesis_core.parallel.ray_workers import loopback_environment
+
+    _stop_stale_clusters()
+    temp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=str(TEMP_ROOT))
+    me = psutil.Process()
+    Path(temp, "owner").write_text(f"{me.pid} {me.create_time()}")
+    port = free_port(LOOPBACK)
+    env = dict(os.environ, **{**RAY_ENV, **loopback_environment()}, PYTHONPATH=os.pathsep.join([str(REPO), TESTS]))
+    env.pop("RAY_ADDRESS", None)
+    common = [f"--node-ip-address={LOOPBACK}", f"--temp-dir={temp}", "--num-cpus=2", "--num-gpus=0",
+              "--disable-usage-stats"]
     try:
         _ray_cli("start", "--head", f"--port={port}", "--include-dashboard=false", *common,
                  "--resources={\"head_node\": 1}", env=env)
-        _ray_cli("start", f"--address=127.0.0.1:{port}", *common, "--resources={\"second_node\": 1}", env=env)
-        yield {"address": f"127.0.0.1:{port}", "env": env}
+        _ray_cli("start", f"--address={LOOPBACK}:{port}", *common, "--resources={\"second_node\": 1}", env=env,
+                 add_node=True)
+        yield {"address": f"{LOOPBACK}:{port}", "env": env, "temp_dir": temp}
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run([shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray", "stop", "--force"],
-                       capture_output=True, text=True, timeout=120, env=env)
+        left = _stop_cluster(temp)
+        assert not left, f"Ray processes of the test cluster outlived their kill: {left}"
+
+
+def _refuse_route_lookup(address=None):
+    raise AssertionError(f"Ray asked the route to {address or '8.8.8.8'} for this node's IP")
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +161,49 @@ def driver(cluster):
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
     try:
-        info = connect(cluster["address"])
+        with pytest.MonkeyPatch.context() as mp:  # the driver never asks the route to 8.8.8.8 for its IP
+            mp.setattr(ray._private.services, "node_ip_address_from_perspective", _refuse_route_lookup)
+            info = connect(cluster["address"])
         assert info["resources"].get("CPU") == 4.0
-        yield cluster
+        yield dict(cluster, info=info)
     finally:
         if old is None:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = old
+
+
+def _is_loopback(ip):
+    return ip in (LOOPBACK, "::1", "::ffff:" + LOOPBACK)
+
+
+def test_cluster_and_driver_are_on_loopback(driver):
+    """Both nodes, the GCS address (also in the cluster's address file) and this driver are on 127.0.0.1."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    assert len(nodes) == 2 and {n["NodeManagerAddress"] for n in nodes} == {LOOPBACK}, nodes
+    assert driver["info"]["address"] == driver["address"] == ray.get_runtime_context().gcs_address
+    assert driver["address"].rsplit(":", 1)[0] == LOOPBACK and driver["info"]["node_ip"] == LOOPBACK
+    assert ray._private.utils.read_ray_address(driver["temp_dir"]) == driver["address"]
+    _assert_sockets_on_loopback(driver["temp_dir"])
+
+
+def _assert_sockets_on_loopback(temp_dir):
+    """Every socket of the cluster's processes listens on loopback; every connected one has a loopback peer."""
+    import psutil
+
+    procs, bad = _cluster_processes(temp_dir), []
+    assert len(procs) >= 5, procs  # GCS, 2 raylets, their agents
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        for c in conns:
+            if (c.status == psutil.CONN_LISTEN or c.type == socket.SOCK_DGRAM) and not _is_loopback(c.laddr.ip):
+                bad.append((proc.pid, proc.name(), "listens on", c.laddr))
+            elif c.raddr and not _is_loopback(c.raddr.ip):
+                bad.append((proc.pid, proc.name(), "talks to", c.raddr))
+    assert not bad, bad
 
 
 def _die_on_rank_one(ctx):
@@ -107,9 +242,11 @@ def test_sequence_and_cfg_across_two_ray_nodes_then_a_killed_worker(driver):
         pool = RayWorkerPool(2, use_gpu=False, address=driver["address"], strategy="STRICT_SPREAD", timeout_s=120)
         try:
             assert len({p["node_id"] for p in pool.placement}) == 2  # one worker on each node
+            assert [p["ip"] for p in pool.placement] == [LOOPBACK, LOOPBACK]
             seq = ParallelSession(pool, cfg=1, ulysses=2)
             seq.load(toy_attention_runner, {"k_scale": 0.5})
             torch.testing.assert_close(seq.call(x, torch.zeros(2), {}, [0, 1]), want, atol=2e-5, rtol=2e-5)
+            _assert_sockets_on_loopback(driver["temp_dir"])  # with the workers' gloo group up
             cfg = ParallelSession(pool, cfg=2, ulysses=1)
             cfg.load(toy_attention_runner, {"k_scale": 0.5})
             torch.testing.assert_close(cfg.call(x, torch.zeros(2), {}, [1, 0]), want, atol=2e-5, rtol=2e-5)
@@ -235,6 +372,7 @@ def _sampler_main():
     want = sample(model)
     result = {"patch_matters": (sample(plain) - want).abs().max().item()}
     address = os.environ["GENESIS_RAY_ADDRESS"]
+    ray._private.services.node_ip_address_from_perspective = _refuse_route_lookup  # this driver stays on loopback
     for mode in ("cfg", "sequence"):
         (clone,) = node.execute(model, mode=mode, gpus="2", ring=1, ray_address=address, workers="cpu")
         got = sample(clone)
@@ -250,9 +388,7 @@ def _sampler_main():
         node.execute(model, mode="both", gpus="3", ring=1, ray_address=address, workers="cpu")
     except ValueError as exc:
         result["odd"] = str(exc)
-    from genesis_core.interop.comfy_parallel import close_sessions
-
-    close_sessions()
+    sys.modules[pack.__name__ + ".genesis_core.parallel.session"].close_sessions()  # the node's (the pack's) pools
     print("GENESIS_RESULT " + json.dumps(result), flush=True)
 
 

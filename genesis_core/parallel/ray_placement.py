@@ -70,7 +70,8 @@ def ray_parallel_execute(fn: Callable[..., Any], data_splits: Sequence[Any], *, 
     Args:
         fn: a function Ray can pickle (module-level, or defined in ``__main__``).
         data_splits: a list or tuple; a tuple split is unpacked into positional arguments.
-        address: the Ray cluster (empty/None: embedded Ray here, or ``RAY_ADDRESS``).
+        address: the Ray cluster (empty/None: embedded Ray here, or ``RAY_ADDRESS``); joined by
+            :func:`~genesis_core.parallel.ray_workers.connect`, which keeps Ray on this machine on 127.0.0.1.
         use_gpu: one GPU per split (tensors moved to it) or one CPU.
         strategy: Ray scheduling: ``"SPREAD"`` (default: over the hosts) or ``"DEFAULT"``.
         return_device: where results land (default ``"cpu"``).

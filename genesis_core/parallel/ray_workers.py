@@ -1,10 +1,16 @@
 """Workers placed by Ray: one actor per GPU (or per CPU worker), joined in one torch.distributed group.
 
 :func:`connect` starts Ray once per process: with no address (and no ``RAY_ADDRESS``) an embedded Ray runs on
-this machine (``ray.init()``); with an address (``ray://host:10001``, ``host:6379``, ``auto``) it joins that
-cluster, which may span several hosts. :class:`RayWorkerPool` reserves one bundle per worker in a placement group
-(``PACK``: as few hosts as possible; ``SPREAD``: one per host where it can), starts one actor per bundle, and
-joins the actors with ``torch.distributed`` (NCCL for GPUs, gloo for CPU workers; rendezvous on rank 0's node).
+this machine (``ray.init(address="local")``: a new instance, never one named by a stale ``/tmp/ray`` address
+file); with an address (``ray://host:10001``, ``host:6379``, ``auto``) it joins that cluster, which may span
+several hosts. Embedded Ray, and a driver joining a cluster at 127.0.0.1 / localhost / ``auto``, stay on the
+loopback address (see :func:`loopback_environment`): Ray would otherwise turn 127.0.0.1 into this machine's
+interface address, found by asking the route to 8.8.8.8.
+
+:class:`RayWorkerPool` reserves one bundle per worker in a placement group (``PACK``: as few hosts as possible;
+``SPREAD``: one per host where it can), starts one actor per bundle, and joins the actors with
+``torch.distributed`` (NCCL for GPUs, gloo for CPU workers; rendezvous on rank 0's node: a TCP store, or, when
+rank 0 is on 127.0.0.1, a file store and gloo / NCCL on the ``lo`` interface: no socket off loopback).
 :meth:`RayWorkerPool.run` runs ``fn(ctx, *args)`` on every actor, like
 :class:`~genesis_core.parallel.launch.LocalProcessGroup`; actors keep ``ctx.cache`` (the model) between runs.
 
@@ -16,21 +22,25 @@ Ray is imported only here, only when a function of this module runs (``pip insta
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-from .._log import logger
+from .._log import log_once, logger
 from .launch import WorkerFailed
 from .portable import portable
 
-__all__ = ["connect", "RayWorkerPool", "ray_available", "WorkerFailed"]
+__all__ = ["connect", "RayWorkerPool", "ray_available", "WorkerFailed", "loopback_environment", "LOOPBACK"]
 
 _connect_lock = threading.Lock()
 _actor_cls = None
+LOOPBACK = "127.0.0.1"
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+_PROXY_VARS = ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY")
 
 
 def ray_available() -> Optional[str]:
@@ -62,11 +72,67 @@ def _code_paths() -> List[str]:
     return paths
 
 
-def connect(address: Optional[str] = None, **init_kwargs: Any) -> Dict[str, Any]:
-    """Start or join Ray once for this process; returns ``{"address", "embedded", "resources"}``.
+def loopback_environment() -> Dict[str, str]:
+    """Environment for the Ray processes of this machine (GCS, raylet, agents, head) kept on 127.0.0.1 only.
 
-    ``address``: empty/None and no ``RAY_ADDRESS`` -> an embedded Ray on this machine; otherwise the cluster to
-    join. A process already connected keeps its connection (a different address raises, naming both).
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is Ray's single-machine mode: its node-IP lookup
+    (``ray._private.services.get_node_ip_address``) answers 127.0.0.1 instead of the address of the route to
+    8.8.8.8. A head started by ``ray start`` probes cloud metadata (169.254.169.254, metadata.google.internal)
+    and posts "usage stats disabled" to usage-stats.ray.io even with usage stats off: both go to a closed port
+    on 127.0.0.1 (an HTTP proxy there, the report URL there; loopback itself bypasses the proxy).
+    """
+    dead = f"http://{LOOPBACK}:9"
+    local = ",".join(_LOOPBACK_HOSTS)
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_USAGE_STATS_REPORT_URL": dead + "/", "http_proxy": dead, "HTTP_PROXY": dead,
+            "no_proxy": local, "NO_PROXY": local}
+
+
+def _on_this_machine(address: str) -> bool:
+    """Whether ``address`` (``host:port``, ``ray://host:port``, ``auto``) names a Ray on this machine's loopback."""
+    if address == "auto":
+        return True
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host = rest.rsplit(":", 1)[0] if ":" in rest else rest
+    return host.strip("[]") in _LOOPBACK_HOSTS
+
+
+@contextlib.contextmanager
+def _loopback_lookup(env: Dict[str, str]) -> Iterator[None]:
+    """While Ray starts or joins here: its node-IP lookup answers 127.0.0.1, ``env`` is set for the processes
+    it starts; both are put back afterwards (a connected Ray answers with its node's IP)."""
+    from ray._private import ray_constants
+
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        log_once("ray-loopback", "this Ray version has no ray_constants.ENABLE_RAY_CLUSTER; it may choose this "
+                                 "machine's interface address instead of 127.0.0.1")
+    saved_flag = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    saved_env = {k: os.environ.get(k) for k in env}
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _node_ip(ray: Any) -> Optional[str]:
+    """The IP of the Ray node this process is connected through (None for Ray Client); never a lookup."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    return getattr(node, "node_ip_address", None)
+
+
+def connect(address: Optional[str] = None, **init_kwargs: Any) -> Dict[str, Any]:
+    """Start or join Ray once for this process; returns ``{"address", "embedded", "resources", "node_ip"}``.
+
+    ``address``: empty/None and no ``RAY_ADDRESS`` -> an embedded Ray on this machine, on 127.0.0.1; otherwise
+    the cluster to join (at 127.0.0.1 / localhost / ``auto``: joined on 127.0.0.1). A process already connected
+    keeps its connection (a different address raises, naming both).
     """
     ray = _ray()
     address = (address or "").strip() or None
@@ -78,20 +144,34 @@ def connect(address: Optional[str] = None, **init_kwargs: Any) -> Dict[str, Any]
             if address and address != "auto" and current and not address.startswith("ray://") and not same_port:
                 raise RuntimeError(f"this process is already connected to the Ray cluster at {current}; asked for "
                                    f"{address}. Restart ComfyUI to change the Ray address")
-            return {"address": current, "embedded": None, "resources": ray.cluster_resources()}
-        embedded = address is None and not os.environ.get("RAY_ADDRESS")
+            return {"address": current, "embedded": None, "resources": ray.cluster_resources(),
+                    "node_ip": _node_ip(ray)}
+        target = address or os.environ.get("RAY_ADDRESS") or None
+        embedded = target is None
+        local = embedded or _on_this_machine(target)
+        env_vars = {"PYTHONPATH": os.pathsep.join(
+            _code_paths() + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
         kwargs = dict(namespace="genesis", log_to_driver=False, ignore_reinit_error=True,
-                      runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                          _code_paths() + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}})
+                      runtime_env={"env_vars": env_vars})
+        daemon_env: Dict[str, str] = {}
         if embedded:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            kwargs["include_dashboard"] = False
+            kwargs.update(include_dashboard=False, _node_ip_address=LOOPBACK)
+            daemon_env = loopback_environment()
+            daemon_env.pop("RAY_USAGE_STATS_ENABLED")  # the user's explicit choice stays
+            env_vars.update({k: os.environ.get(k, "") for k in _PROXY_VARS})  # the workers get the user's proxies
         kwargs.update(init_kwargs)
-        ray.init(address=address, **kwargs)
+        with _loopback_lookup(daemon_env) if local else contextlib.nullcontext():
+            ray.init(address="local" if embedded else address, **kwargs)
         ctx = ray.get_runtime_context()
-        where = "an embedded Ray on this machine" if embedded else f"the Ray cluster at {address or os.environ['RAY_ADDRESS']}"
-        logger.info(f"connected to {where}: {ray.cluster_resources()}")
-        return {"address": getattr(ctx, "gcs_address", None), "embedded": embedded, "resources": ray.cluster_resources()}
+        node_ip = _node_ip(ray)
+        where = "an embedded Ray on this machine" if embedded else f"the Ray cluster at {target}"
+        logger.info(f"connected to {where} (this node {node_ip}): {ray.cluster_resources()}")
+        if local and node_ip is not None and node_ip not in _LOOPBACK_HOSTS:
+            logger.warning(f"the Ray node on this machine uses {node_ip}, not {LOOPBACK}: it was started without "
+                           f"--node-ip-address={LOOPBACK} and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0")
+        return {"address": getattr(ctx, "gcs_address", None), "embedded": embedded,
+                "resources": ray.cluster_resources(), "node_ip": node_ip}
 
 
 def _worker_class():
@@ -125,19 +205,35 @@ def _worker_class():
                     "node_id": _r.get_runtime_context().get_node_id(),
                     "pid": os.getpid(), "gpus": [str(g) for g in _r.get_gpu_ids()], "device": self.ctx.device}
 
-        def free_port(self) -> int:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind(("", 0))
-                return s.getsockname()[1]
+        def rendezvous(self, host: str) -> str:
+            """Where the ranks meet (asked of rank 0, on ``host``): a file on this machine when ``host`` is loopback
+            (torch's TCP store would listen on every interface and look its peers up in DNS), else a free port."""
+            if host in ("127.0.0.1", "::1"):
+                import tempfile
 
-        def join(self, master: str, port: int, backend: str, timeout_s: float) -> bool:
+                import ray as _r
+
+                try:  # in Ray's temp dir (removed with it); the pool removes it when it closes
+                    root = _r.get_runtime_context().get_temp_dir()
+                except Exception:  # noqa: BLE001
+                    root = None
+                return "file://" + os.path.join(tempfile.mkdtemp(prefix="genesis-pg-", dir=root), "store")
+            v6 = ":" in host
+            with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("", 0))
+                return f"tcp://{f'[{host}]' if v6 else host}:{s.getsockname()[1]}"
+
+        def join(self, init_method: str, backend: str, timeout_s: float) -> bool:
             import datetime
 
             import torch
             import torch.distributed as dist
 
-            kwargs = dict(backend=backend, init_method=f"tcp://{master}:{port}", rank=self.rank,
-                          world_size=self.world, timeout=datetime.timedelta(seconds=timeout_s))
+            if init_method.startswith("file://"):  # every rank on this machine's loopback: gloo / NCCL talk over lo
+                for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+                    os.environ.setdefault(name, "lo")
+            kwargs = dict(backend=backend, init_method=init_method, rank=self.rank, world_size=self.world,
+                          timeout=datetime.timedelta(seconds=timeout_s))
             if self.use_gpu:
                 torch.cuda.set_device(0)
                 if backend == "nccl":
@@ -188,6 +284,7 @@ class RayWorkerPool:
         self.timeout_s = float(timeout_s)
         self.closed = False
         self.actors: List[Any] = []
+        self._meet = ""
         bundle = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
         self._pg = placement_group([dict(bundle) for _ in range(world_size)], strategy=strategy)
         try:
@@ -208,8 +305,9 @@ class RayWorkerPool:
             ]
             self.placement = self._gather([a.describe.remote() for a in self.actors], start_timeout_s, "starting")
             master = self.placement[0]["ip"]
-            port = self._gather([self.actors[0].free_port.remote()], start_timeout_s, "choosing a port")[0]
-            self._gather([a.join.remote(master, port, self.backend, self.timeout_s) for a in self.actors],
+            self._meet = self._gather([self.actors[0].rendezvous.remote(master)], start_timeout_s,
+                                      "choosing a rendezvous")[0]
+            self._gather([a.join.remote(self._meet, self.backend, self.timeout_s) for a in self.actors],
                          start_timeout_s, "joining the process group")
         except BaseException:
             self.close()
@@ -297,3 +395,7 @@ class RayWorkerPool:
                     pass
         except ImportError:
             pass
+        if self._meet.startswith("file://"):  # the workers were on this machine; killed, they leave their store
+            import shutil
+
+            shutil.rmtree(os.path.dirname(self._meet[len("file://"):]), ignore_errors=True)
