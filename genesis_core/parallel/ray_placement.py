@@ -15,7 +15,26 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from .ray_workers import _code_paths, _ray, connect
 
-__all__ = ["ray_parallel_execute", "RayPlacementError"]
+__all__ = ["ray_parallel_execute", "place_splits", "RayPlacementError"]
+
+
+def place_splits(fn: Callable[..., Any], data_splits: Sequence[Any], backends: Optional[Sequence[Any]],
+                 return_device: Optional[Any], address: Optional[str]) -> List[Any]:
+    """``HeterogeneousExecutor.parallel_execute(..., placement="ray")``: check its arguments, then
+    :func:`ray_parallel_execute` with one GPU per split (``backends`` None or all ``"cuda"``) or one CPU (all
+    ``"cpu"``)."""
+    if not isinstance(data_splits, (list, tuple)) or not data_splits:
+        raise ValueError(f"data_splits must be a non-empty list or tuple; got {type(data_splits).__name__}")
+    kinds = {str(getattr(b, "value", b)).split(":")[0] for b in backends} if backends else {"cuda"}
+    if len(kinds) != 1 or not kinds <= {"cuda", "cpu"}:
+        raise ValueError(f"with placement='ray', backends must be all 'cuda' or all 'cpu' (or None for GPUs); "
+                         f"got {sorted(kinds)}")
+    if backends is not None and len(backends) != len(data_splits):
+        raise ValueError(f"data_splits and backends must have the same length; got {len(data_splits)} splits "
+                         f"and {len(backends)} backends")
+    target = None if return_device is None else str(return_device)
+    return ray_parallel_execute(fn, list(data_splits), address=address, use_gpu=kinds == {"cuda"},
+                                return_device=target)
 
 
 class RayPlacementError(RuntimeError):
