@@ -2,10 +2,13 @@
 
 Sections (``--section``, comma-separated; default all), one module each:
 
-* ``attention`` (``attention.py``): for each shape (``shapes.py``), every backend that can serve it plus
-  ``auto`` - median ms, TFLOP/s, relative error against a float64 reference, within tolerance or not - and
-  a verdict on AUTO's choice (``verdicts.py``; where the chosen backend is not the fastest row, the two are
-  timed in strict alternation and compared kernel by kernel, ``kernels.py``).
+* ``attention`` (``attention.py``): for each shape (``shapes.py``; inputs made as ComfyUI makes them), every
+  backend that can serve it, ComfyUI's default SDPA call (``comfy_default.py``) and AUTO at each quality
+  level (``auto``, ``auto@high``, ``auto@fast``) - median ms, TFLOP/s, relative L2 and cosine against a
+  float64 reference, judged at the row's level (``judge.py``) - then a summary per shape (``summary.py``)
+  and the targets' verdicts (``verdicts.py``: AUTO exact against the fastest exact kernel - where the
+  choice is not the fastest row, the two are timed in strict alternation and compared kernel by kernel,
+  ``kernels.py`` - the errors per level, the speed-ups over ComfyUI's default).
 * ``overhead`` (``overhead.py``): Genesis ``attention()`` against calling the chosen kernel directly,
   CPU-side µs per call on small tensors for an already-seen signature.
 * ``e2e`` (``e2e.py``): a stack of Flux-sized transformer blocks with Genesis AUTO against plain

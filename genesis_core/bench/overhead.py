@@ -22,6 +22,7 @@ from .._device import synchronize
 from ..attn import dispatch, registry
 from ..attn.types import AttentionCall
 from ..interop import GenesisAttentionOverride
+from .comfy_default import comfy_sdpa
 from .report import say, verdict
 from .verdicts import COMFY_OVERRIDE_TARGET_TEXT, comfy_override_verdicts
 
@@ -96,29 +97,9 @@ def _wrap_attn(func: Callable) -> Callable:
     return wrapper
 
 
-def _comfy_sdpa(device: torch.device) -> Callable:
-    """SDPA as ComfyUI's ``comfy.ops`` calls it: on CUDA inside ``sdpa_kernel`` with cuDNN first."""
-    if device.type != "cuda":
-        return F.scaled_dot_product_attention
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.MATH]
-        sdpa_kernel(order, set_priority=True)
-    except (ImportError, TypeError):  # torch without priorities: ComfyUI calls SDPA plainly then
-        return F.scaled_dot_product_attention
-
-    def sdpa(q, k, v, *args, **kwargs):
-        with sdpa_kernel(order, set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v, *args, **kwargs)
-
-    return sdpa
-
-
 def reproduced_attention_pytorch(device: torch.device) -> Callable:
     """ComfyUI's ``attention_pytorch`` call path, reproduced (see the module docstring)."""
-    sdpa = _comfy_sdpa(device)
+    sdpa = comfy_sdpa(device)
 
     @_wrap_attn
     def attention_pytorch(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,

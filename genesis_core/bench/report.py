@@ -1,6 +1,7 @@
 """The bench's printed report: every line at most ``WIDTH`` columns, every target with its verdict.
 
-Tables of the attention rows and AUTO's summary, dispatch overhead, end to end. A verdict line reads
+Tables of the attention rows (errors and the quality level each row is judged at) and AUTO's summary per
+level against the fastest exact kernel and ComfyUI's default call, dispatch overhead, end to end. A verdict line reads
 ``PASS|FAIL|SKIP <what>: <detail> (target: ...)``; its continuation lines are indented by ``VERDICT_INDENT``.
 Where two timings run the same kernel, the report says so instead of printing their ratio.
 """
@@ -9,8 +10,8 @@ from __future__ import annotations
 import textwrap
 from typing import List, Optional
 
-from .verdicts import (CHOICE_TARGET_TEXT, E2E_TARGET_TEXT, OVERHEAD_TARGET_TEXT, WORDS, e2e_verdict,
-                       overhead_verdicts)
+from .comfy_default import COMFY_ROW
+from .verdicts import E2E_TARGET_TEXT, OVERHEAD_TARGET_TEXT, WORDS, e2e_verdict, overhead_verdicts
 
 WIDTH = 100
 VERDICT_INDENT = 7  # "  PASS " - a verdict's continuation lines start under its text
@@ -42,7 +43,7 @@ def _pct(x: float) -> str:
 
 
 def print_attention(rows: List[dict], summary: List[dict]) -> None:
-    say(f"\n{'shape':<18} {'backend':<15} {'ms':>9} {'TFLOP/s':>8} {'rel err':>9}  status")
+    say(f"\n{'shape':<18} {'backend':<15} {'ms':>9} {'TFLOP/s':>8} {'rel err':>9} {'cos':>8} {'level':<5}  status")
     last = None
     for r in rows:
         if r["shape"] != last and last is not None:
@@ -50,20 +51,53 @@ def print_attention(rows: List[dict], summary: List[dict]) -> None:
         last = r["shape"]
         status = r["status"] if r["status"] != "ok" else ("ok" if r["correct"] else "INACCURATE")
         note = f"  ({r['note']})" if r["note"] else ""
+        if r["status"] == "ok" and r["correct"] is False and r.get("why"):
+            note = f"  ({r['why']}" + (f"; {r['note']})" if r["note"] else ")")
         tflops = _fmt(r['tflops'], '8.3g' if (r['tflops'] or 0) < 100 else '8.0f')
         say(f"{r['shape']:<18} {r['backend']:<15} {_fmt(r['ms'], '9.3f'):>9} {tflops:>8} "
-            f"{_fmt(r['rel_err'], '9.2e'):>9}  {status}{note}", 19)
-    say("\nAUTO against the fastest correct backend measured in this run:")
+            f"{_fmt(r['rel_err'], '9.2e'):>9} {_fmt(r.get('cos'), '8.5f'):>8} {r.get('level') or '-':<5}  "
+            f"{status}{note}", 19)
+    layouts = sorted({r.get("layout") for r in rows if r.get("layout")})
+    print()
+    say(f"AUTO per quality level vs the fastest exact kernel and {COMFY_ROW} (same tensors"
+        f"{', ' + '/'.join(layouts) if layouts else ''}):")
     for s in summary:
+        if s.get("skipped") or s.get("error"):
+            say(f"  {s['shape']}: " + (f"skipped: {s['skipped']}" if s.get("skipped") else f"failed: {s['error']}"))
+            continue
         say("  " + _summary_line(s))
-        if s.get("choice_verdict"):
-            word = {True: "OK", False: "NOT OK", None: "not judged"}[s.get("choice_ok")]
-            verdict(s.get("choice_ok"), f"choice {word}: {s['choice_verdict']}", CHOICE_TARGET_TEXT)
+        for level, ls in s.get("levels", {}).items():
+            say("    " + _level_line(level, ls), 10)
+        for t in s.get("targets", []):
+            verdict(t["ok"], f"{t['shape']}: {t['text']}", t["target_text"])
+
+
+def _level_line(level: str, s: dict) -> str:
+    if s.get("ms") is None:
+        return f"{level:<5}  {s.get('backend') or '-'}: not timed ({s.get('note') or s.get('status')})"
+    parts = [f"{level:<5}  {s.get('backend') or '-':<13} {s['ms']:9.3f} ms"]
+    if s.get("vs_comfy_paired") is not None:
+        parts.append(f"x{s['vs_comfy_paired']:.3f} vs {COMFY_ROW} (alternated)")
+    elif s.get("vs_comfy") is not None:
+        parts.append(f"x{s['vs_comfy']:.3f} vs {COMFY_ROW}")
+    errs = "rel -" if s.get("rel_err") is None else f"rel {s['rel_err']:.1e}"
+    parts.append(errs + ("" if s.get("cos") is None else f" cos {s['cos']:.5f}")
+                 + ("" if s.get("correct") else " OVER ITS THRESHOLDS"))
+    if s.get("over_kernel") is not None:
+        parts.append(f"{_pct(s['over_kernel'])} over its kernel")
+    if s.get("fastest") and s["fastest"] != s.get("backend"):
+        parts.append(f"fastest row at {level}: {s['fastest']} {s['fastest_ms']:.3f} ms")
+    if s.get("first_call_ms") is not None:
+        first = s["first_call_ms"]
+        parts.append(f"first call {first:.1f} ms" if first < 1000 else f"first call {first / 1e3:.1f} s")
+    return "; ".join(parts)
 
 
 def _summary_line(s: dict) -> str:
     best, chosen = s["fastest_correct"], s["auto_backend"]
-    head = f"{s['shape']}: fastest {best or '-'} {_fmt(s['fastest_ms'], '.3f')} ms; "
+    head = f"{s['shape']}: fastest exact {best or '-'} {_fmt(s['fastest_ms'], '.3f')} ms; "
+    if s.get("comfy_ms") is not None:
+        head += f"{COMFY_ROW} {s['comfy_ms']:.3f} ms; "
     if chosen is None:
         return head + "no AUTO row timed"
     parts = []

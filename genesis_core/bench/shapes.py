@@ -1,4 +1,8 @@
-"""What the attention bench measures: named shape sets of diffusion models, ``--shapes`` parsing, dtypes."""
+"""What the attention bench measures: named shape sets of diffusion models, ``--shapes`` parsing, dtypes.
+
+``diffusion`` (SD1.5, SDXL, Flux, Wan 480p) is the default set on CUDA; ``video`` (Wan 720p, 75600 tokens)
+is added to it by default only when the run's estimate fits its time budget (see ``cli.py``).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,6 +45,8 @@ SHAPE_SETS: Dict[str, List[Shape]] = {
     "flux": [Shape("flux-4608", 1, 24, 4608, 4608, 128)],
     # Wan 2.1 14B, 480x832, 81 frames: 21 x 30 x 52 = 32760 tokens, 40 heads x 128
     "wan": [Shape("wan-32k", 1, 40, 32760, 32760, 128)],
+    # Wan 2.1 14B, 720x1280, 81 frames: 21 x 45 x 80 = 75600 tokens, 40 heads x 128
+    "video": [Shape("wan720-75k", 1, 40, 75600, 75600, 128)],
     # CPU-sized
     "small": [
         Shape("small-self", 1, 4, 256, 256, 64),
