@@ -73,10 +73,11 @@ def _progress(total: int, enabled: bool, desc: str):
 def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, gen: torch.Generator,
                 layout: str = "BNHD") -> tuple:
     """q, k, v as BHND tensors: views of contiguous [B, N, H, D] tensors (``BNHD``, ComfyUI's way) or
-    contiguous [B, H, N, D] (``BHND``). Fresh seeded normal values, made on the CPU then moved."""
+    contiguous [B, H, N, D] (``BHND``). Fresh seeded normal values, drawn on ``gen``'s device (on the GPU for
+    GPU runs: Wan 720p's 1.2 G values take seconds on a CPU) in float32, then cast."""
     def one(n: int) -> torch.Tensor:
         dims = (shape.b, n, shape.h, shape.d) if layout == "BNHD" else (shape.b, shape.h, n, shape.d)
-        t = torch.randn(dims, generator=gen, device="cpu", dtype=torch.float32).to(device=device, dtype=dtype)
+        t = torch.randn(dims, generator=gen, device=gen.device, dtype=torch.float32).to(device=device, dtype=dtype)
         return t.transpose(1, 2) if layout == "BNHD" else t
 
     return one(shape.nq), one(shape.nk), one(shape.nk)
@@ -96,15 +97,15 @@ def bench_attention(shapes: List[Shape], names: List[str], include_auto: bool, d
     rows: List[dict] = []
     summary: List[dict] = []
     bar = _progress(len(shapes) * (len(names) + 1 + len(autos)), progress, "attention")
-    gen = torch.Generator().manual_seed(seed)
+    gen = _generator(device, seed)
     for shape in shapes:
         reason = should_skip(shape) if should_skip is not None else None
         if reason:
             summary.append({"shape": shape.name, "layout": layout, "skipped": reason})
         else:
             try:
-                cells, summ = _bench_shape(shape, names, autos, device, dtype, reps, warmup, budget_ms, seed,
-                                           layout, ref_skip_ms, gen, bar)
+                cells, summ = _bench_shape(shape, names, autos, device, dtype, reps, warmup, budget_ms, layout,
+                                           ref_skip_ms, gen, bar)
                 rows.extend(cells.values())
                 summary.append(summ)
             except Exception as exc:  # a shape that cannot even be set up (out of memory): say so, go on
@@ -116,6 +117,16 @@ def bench_attention(shapes: List[Shape], names: List[str], include_auto: bool, d
             on_shape(rows, summary)
     bar.close()
     return rows, summary
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    """A seeded generator on ``device`` where it has one (CUDA), else on the CPU."""
+    if device.type == "cuda":
+        try:
+            return torch.Generator(device=device).manual_seed(seed)
+        except Exception:  # no device generator: draw on the CPU and move
+            pass
+    return torch.Generator().manual_seed(seed)
 
 
 def _free(device: torch.device) -> None:
@@ -137,7 +148,7 @@ def _add_note(row: dict, text: str) -> None:
     row["note"] = (row["note"] + "; " if row["note"] else "") + text
 
 
-def _bench_shape(shape, names, autos, device, dtype, reps, warmup, budget_ms, seed, layout, ref_skip_ms, gen, bar):
+def _bench_shape(shape, names, autos, device, dtype, reps, warmup, budget_ms, layout, ref_skip_ms, gen, bar):
     q, k, v = make_inputs(shape, device, dtype, gen, layout)
     call = AttentionCall(q, k, v, None, shape.d ** -0.5)
     ref = autotune.reference_slice(call)

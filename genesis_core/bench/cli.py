@@ -164,7 +164,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             need = shape_s(shape, **attn_plan)
             if spent + need + later <= args.time_budget_s:
                 return None
-            return (f"time budget: {spent:.0f} s spent, about {need:.0f} s needed here and {later:.0f} s for the "
+            return (f"time budget: {spent:.1f} s spent, about {need:.1f} s needed here and {later:.1f} s for the "
                     f"later sections, over --time-budget-s {args.time_budget_s:g}")
 
         def on_shape(rows_so_far, summary_so_far) -> None:
