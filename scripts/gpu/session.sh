@@ -77,9 +77,9 @@ for stage in "$@"; do
     bench)
       run bench 420 env OUT="$OUT/bench" bash scripts/gpu/bench_gpu.sh ;;
     e2e)
-      run e2e 420 python3 scripts/gpu/comfy_e2e_gpu.py --out "$OUT" ;;
+      run e2e 330 python3 scripts/gpu/comfy_e2e_gpu.py --out "$OUT" --budget-s "${E2E_BUDGET_S:-270}" ;;
     scaleout)
-      run scaleout 300 python3 scripts/gpu/scaleout.py --gpus 1 --out "$OUT" ;;
+      run scaleout 240 python3 scripts/gpu/scaleout.py --gpus 1 --json "$OUT/scaleout.json" ;;
     *)
       echo "unknown stage $stage"; fail=1 ;;
   esac
