@@ -610,3 +610,16 @@ def test_video_set_joins_the_default_run_only_within_the_budget():
     shapes, guess, note = bench.cli.with_video_if_it_fits(base, cost(base), cost, 85.0)
     assert shapes == base and guess["total"] == 80.0
     assert note == "video set left out: the estimate with it is 90 s (--time-budget-s 85)"
+
+
+def test_estimate_counts_the_level_rows_and_the_reference_skip():
+    from genesis_core.bench import estimate
+
+    speed = estimate.Speed(gflops=20.0, call_us=10.0)
+    plan = dict(names=["sdpa", "pytorch"], include_auto=True, device=torch.device("cpu"), dtype=torch.float32,
+                reps=5, warmup=2, budget_ms=3000.0, speed=speed)
+    small = bench.parse_shapes("small")[0]
+    assert estimate.shape_s(small, levels=("exact",), **plan) < estimate.shape_s(small, **plan)
+    huge = bench.parse_shapes("video")[0]  # pytorch's chunked path: 25x the fastest, over 2 s: skipped
+    skipped, kept = (estimate.shape_s(huge, ref_skip_ms=ms, **plan) for ms in (2000.0, 0.0))
+    assert kept - skipped > 0.3 * kept, (kept, skipped)

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BNHD (default): contiguous [B, N, H, D] tensors handed to every row as BHND views, as "
                         "ComfyUI makes them; BHND: contiguous [B, H, N, D]")
     p.add_argument("--levels", default=",".join(quality.LEVELS),
-                   help="quality levels with an AUTO row: auto (exact), auto@high, auto@fast (default: all)")
+                   help="comma-separated quality levels (exact, high, fast) that get an AUTO row: auto, auto@high, "
+                        "auto@fast (default: all three)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--backends", default=None,
