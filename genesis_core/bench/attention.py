@@ -180,9 +180,9 @@ def _bench_shape(shape, names, autos, device, dtype, reps, warmup, budget_ms, la
             if name not in ROW_LEVELS:
                 probes[name] = probe
         bar.update()
-    _time_rounds(shape, cells, fns, reps, budget_ms, device)
+    _time_rounds(cells, fns, reps, budget_ms, device)
     for name in autos:
-        _pair_with_its_kernel(cells, fns, name, reps, budget_ms, device, shape.flops)
+        _pair_with_its_kernel(cells, fns, name, reps, budget_ms, device)
     summ = summarise(shape, cells, layout, dtype)
     summ.update(_pair_choice_with_fastest(summ, cells, fns, reps, budget_ms, device))
     summ["choice_ok"], summ["choice_verdict"] = choice_verdict(summ)
@@ -248,7 +248,7 @@ def _set_ms(row: dict, ms: float, reps: int) -> None:
     row["tflops"] = flops / (ms * 1e-3) / 1e12
 
 
-def _time_rounds(shape, cells, fns, reps, budget_ms, device) -> None:
+def _time_rounds(cells, fns, reps, budget_ms, device) -> None:
     """Interleaved rounds: every live cell once per round, the order rotated every round (a cell right after
     one that thrashes L2 or changes clocks is otherwise always the one that pays for it). One inner count
     for every cell of a shape (per-cell counts made the AUTO row look 30-80% slower than its own kernel)."""
@@ -287,7 +287,7 @@ def _inner(cells, *names) -> int:
     return max([cells[n].get("inner") or 1 for n in names])
 
 
-def _pair_with_its_kernel(cells, fns, name, reps, budget_ms, device, flops) -> None:
+def _pair_with_its_kernel(cells, fns, name, reps, budget_ms, device) -> None:
     """Time an AUTO row and the kernel it chose in strict alternation (same inner count, rotating who goes
     first), so the row's cost over its kernel is Genesis' own and not the neighbours' (on the H100, reading
     AUTO off the big interleaved round put it 20-70% over its kernel; alternated, within 1% on Flux)."""
