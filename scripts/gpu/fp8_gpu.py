@@ -18,11 +18,13 @@ query rows x all keys, what the autotuner computes) of:
 * ``sdpa bf16``: plain SDPA, for scale.
 
 Then (random inputs) the median of >= 20 CUDA-event timings after warm-up (fewer on Wan 720p) of: plain
-``F.scaled_dot_product_attention`` on the views (the baseline), the Triton quantisation against the unfused
-PyTorch one and against the bandwidth floor (q, k, v read once in bf16 and written once in fp8 at 4.3 TB/s), each
-FP8 kernel alone, each whole path (``backend.run``: quantise, attend, output in the input dtype; what AUTO times),
-FA3 FP8 after the unfused quantisation, and the host time to enqueue one whole-path call. Last, what AUTO picks per
-quality level on Flux, SDXL and Wan 480p (``autotune.tune``). Every kernel runs in a try/except under a time
+``F.scaled_dot_product_attention`` on the views (the baseline), the Triton quantisation (per head, per tensor,
+cuDNN's mix; with Triton's own launch path too) against the unfused PyTorch one and against the bandwidth floor
+(q, k, v read once in bf16 and written once in fp8 at 4.3 TB/s), each FP8 kernel alone, each whole path
+(``backend.run``: quantise, attend, output in the input dtype; what AUTO times), FA3 FP8 through
+``flash_attn_func`` instead of the compiled op, FA3 FP8 after the unfused quantisation; for the quantisation and
+the whole paths also the kernel launches per call (counted by torch.profiler) and the host time to enqueue one
+call. Last, what AUTO picks per quality level on Flux, SDXL and Wan 480p (``autotune.tune``). Every kernel runs in a try/except under a time
 limit; the JSON (fp8_gpu.json under --out) is rewritten after every shape; a short table is printed last.
 
 ``--cpu-dry-run``: the same logic on tiny CPU shapes (the reference math, and the Triton kernels under
@@ -140,9 +142,23 @@ def guarded(row, fn, limit=KERNEL_LIMIT_S):
 
 
 def fa3_attend(qkv, scale):
-    d = qkv.descale
-    out = fa3_fp8._fn(qkv.q, qkv.k, qkv.v, softmax_scale=scale, q_descale=d[0], k_descale=d[1], v_descale=d[2])
-    return (out[0] if isinstance(out, (tuple, list)) else out).transpose(1, 2)
+    return fa3_fp8.attend(qkv, scale).transpose(1, 2)
+
+
+def launches(fn, device):
+    """CUDA kernels (and copies/memsets, counted apart) one call of ``fn`` runs, by torch.profiler."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    names = [e.name for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    copies = [n for n in names if n.startswith(("Memcpy", "Memset"))]
+    return {"kernels": len(names) - len(copies), "copies": len(copies), "names": sorted(set(names))[:12]}
 
 
 def cudnn_attend(plan, qkv, call):
@@ -205,9 +221,17 @@ def error_section(sname, kind, call, ref, plans):
                 if isinstance(plan, str) or plan is None:
                     row = add("cudnn fp8", granularity, smooth, lambda: None)
                     row["status"] = plan or f"skipped: {fp8_cudnn.backend.available()}"
-                else:
-                    add("cudnn fp8", granularity, smooth, lambda p=plan, g=granularity, s=smooth: errors(
-                        cudnn_attend(p, fp8.quantize_qkv(call.q, call.k, call.v, g, s), call), ref))
+                else:  # q and k as the graph takes them, v per head (what run() does); run() would refuse
+                    box = {}  # the calls whose refusal row says so
+
+                    def cud(p=plan, s=smooth, box=box):
+                        qkv = fp8.quantize_qkv(call.q, call.k, call.v, fp8_cudnn.granularity_for(p), s)
+                        box["refusal"] = fp8_cudnn.shared_scale_refusal(qkv) if p.granularity == "tensor" else None
+                        box["spread"] = qkv.spread.tolist()
+                        return errors(cudnn_attend(p, qkv, call), ref)
+
+                    row = add("cudnn fp8", granularity, smooth, cud)
+                    row.update(refused=box.get("refusal"), spread=box.get("spread"))
         if fa3_fp8.backend.available() is not None:
             rows.append({"shape": sname, "inputs": kind, "path": "fa3 fp8", "status":
                          f"skipped: {fa3_fp8.backend.available()}"})
@@ -237,9 +261,11 @@ def timing_section(sname, shape, call, device, plans):
     floor_ms = elems * 3 / (HBM_TBPS * 1e12) * 1e3
     rows, base = [], {}
 
-    def add(what, fn, bytes_moved=None, host=False):
+    def add(what, fn, bytes_moved=None, host=False, count=False):
         row = {"shape": sname, "what": what, "ms": None, "x_vs_sdpa": None, "status": "ok"}
         rows.append(row)
+        if count:
+            row["launches"] = guarded(row, lambda: launches(fn, device))
         ms = guarded(row, lambda: median_ms(fn, device, reps))
         if ms is not None:
             row["ms"] = ms
@@ -261,28 +287,48 @@ def timing_section(sname, shape, call, device, plans):
         if registry.get("fa3").available() is None:
             add("fa3 bf16 (exact)", lambda: registry.get("fa3").run(call))
         if fp8.triton_missing() is None:
-            auto = fp8.launch_order(call.q, call.k, call.v)
-            for g, s, order in (("head", True, auto), ("head", True, "fused" if auto != "fused" else "per_tensor"),
-                                ("head", False, auto), ("tensor", True, auto)):
-                add(f"quantise q,k,v: Triton, {g}{' + smooth k' if s else ''}, {order} launches",
-                    lambda g=g, s=s, o=order: fp8.quantize_qkv(call.q, call.k, call.v, g, s, launches=o),
-                    bytes_moved=elems * 5, host=True)
+            mixed = ("tensor", "tensor", "head")
+            for g, s in (("head", True), ("head", False), ("tensor", True), (mixed, True)):
+                label = "q,k tensor + v head" if g == mixed else g
+                add(f"quantise q,k,v: Triton, {label}{' + smooth k' if s else ''}",
+                    lambda g=g, s=s: fp8.quantize_qkv(call.q, call.k, call.v, g, s), bytes_moved=elems * 5,
+                    host=True, count=True)
+            kern = fp8._kernels()
+            kern.fast_launch(False)
+            try:
+                add("quantise q,k,v: Triton, head + smooth k, through Triton's own launch path",
+                    lambda: fp8.quantize_qkv(call.q, call.k, call.v, "head", True), bytes_moved=elems * 5, host=True)
+            finally:
+                kern.fast_launch(True)
         add("quantise q,k,v: unfused PyTorch, head + smooth k",
             lambda: fp8.quantize_qkv_reference(call.q, call.k, call.v, "head", True), bytes_moved=elems * 5)
         if fa3_fp8.backend.available() is None:
             qkv = fp8.quantize_qkv(call.q, call.k, call.v, fa3_fp8.GRANULARITY, fa3_fp8.SMOOTH_K)
-            add("fa3 fp8 kernel only", lambda: fa3_attend(qkv, call.scale))
-            add("fa3_fp8 whole path (run: Triton quantise + kernel)", lambda: fa3_fp8.run(call), host=True)
+            add("fa3 fp8 kernel only", lambda: fa3_attend(qkv, call.scale), host=True)
+            add("fa3_fp8 whole path (run: Triton quantise + kernel)", lambda: fa3_fp8.run(call), host=True,
+                count=True)
+            if fa3_fp8._attend is not fa3_fp8._wrapper_attend:
+                chosen = fa3_fp8._attend
+                fa3_fp8._attend = fa3_fp8._wrapper_attend
+                try:
+                    add("fa3_fp8 whole path through flash_attn_func (not the compiled op)", lambda: fa3_fp8.run(call),
+                        host=True)
+                finally:
+                    fa3_fp8._attend = chosen
             add("fa3 fp8 + unfused PyTorch quantisation", lambda: fa3_attend(
                 fp8.quantize_qkv_reference(call.q, call.k, call.v, "head", True), call.scale))
             del qkv
         live = fp8_cudnn.backend.available() is None
         plan = next((p for p in plans.values() if isinstance(p, fp8_cudnn._Plan)), None) if live else None
         if plan is not None:
-            qkv = fp8.quantize_qkv(call.q, call.k, call.v, plan.granularity, fp8_cudnn.SMOOTH_K)
+            qkv = fp8.quantize_qkv(call.q, call.k, call.v, fp8_cudnn.granularity_for(plan), fp8_cudnn.SMOOTH_K)
             o8 = torch.empty((b, n, h, d), dtype=fp8.E4M3, device=device)
-            add(f"cudnn fp8 kernel only ({plan.granularity} descales, fp8 out)", lambda: plan.execute(qkv, o8))
-            add("fp8_cudnn whole path (run: quantise + kernel + dequantise)", lambda: fp8_cudnn.run(call), host=True)
+            add(f"cudnn fp8 kernel only ({plan.granularity} descales, fp8 out)", lambda: plan.execute(qkv, o8),
+                host=True)
+            add("dequantise the fp8 output (one pass)", lambda: fp8.dequantize_output(
+                o8, qkv.descale[2], fp8_cudnn.O_FACTOR, call.dtype), host=True, count=True)
+            add("fp8_cudnn whole path (run: quantise + kernel + dequantise)", lambda: fp8_cudnn.run(call), host=True,
+                count=True)
             del qkv, o8
     return rows
 
@@ -331,11 +377,15 @@ TIME_COLS = (("sdpa ms", "sdpa bf16"), ("fa3 run", "fa3_fp8 whole"), ("fa3 krn",
 
 
 def table(result):
-    """Two short tables: speed per shape (x = faster than plain SDPA) and relative L2 error in % per shape and
-    inputs (e: emulated; t/h/b: per tensor/head/block scales, s: k smoothed; '-': not measured, see the JSON;
-    for quiet_heads the worst head's error, which the overall number hides)."""
+    """Two short tables: speed per shape (x = faster than plain SDPA; quant ms: the Triton quantisation per head
+    with k smoothed, floor: its bandwidth floor, torch: the unfused PyTorch one; host us: enqueueing one fa3_fp8
+    call; q launch / q host / q jit: the quantisation's kernel launches per call and host us per call, and host
+    us through Triton's own launch path; cud us: enqueueing one fp8_cudnn call (its spread check syncs);
+    launch: kernels per whole fa3_fp8 / fp8_cudnn call) and relative L2 error in % per shape and inputs (e:
+    emulated; t/h/b: per tensor/head/block scales, s: k smoothed; cud.t/ts: per-tensor q/k with v per head;
+    '-': not measured, see the JSON; for quiet_heads the worst head's error, which the overall number hides)."""
     lines = ["", f"{'shape':7s}" + "".join(f"{c:>9s}" for c, _ in TIME_COLS) + f"{'quant ms':>10s}{'floor':>7s}"
-             f"{'torch':>7s}{'host us':>8s}"]
+             f"{'torch':>7s}{'host us':>8s}{'q launch':>9s}{'q host':>7s}{'q jit':>6s}{'cud us':>7s}{'launch':>7s}"]
     for sname in dict.fromkeys(r["shape"] for r in result["timing"]):
         rows = [r for r in result["timing"] if r["shape"] == sname]
         cells = []
@@ -347,9 +397,15 @@ def table(result):
         tq = next((r for r in rows if r["what"].startswith("quantise q,k,v: Triton, head + smooth")), {})
         pq = next((r for r in rows if r["what"].startswith("quantise q,k,v: unfused")), {})
         run = next((r for r in rows if r["what"].startswith("fa3_fp8 whole")), {})
+        jit = next((r for r in rows if r["what"].endswith("Triton's own launch path")), {})
+        cud = next((r for r in rows if r["what"].startswith("fp8_cudnn whole")), {})
         fmt = lambda v, w, p=3: f"{v:{w}.{p}f}" if v else f"{'-':>{w}s}"  # noqa: E731
+        n_launch = lambda r: (r.get("launches") or {}).get("kernels")  # noqa: E731
+        paths = "/".join("-" if n_launch(r) is None else str(n_launch(r)) for r in (run, cud))
         lines.append(f"{sname:7s}" + "".join(cells) + fmt(tq.get("ms"), 10) + fmt(tq.get("floor_ms"), 7) +
-                     fmt(pq.get("ms"), 7) + fmt(run.get("host_us"), 8, 0))
+                     fmt(pq.get("ms"), 7) + fmt(run.get("host_us"), 8, 0) + fmt(n_launch(tq), 9, 0) +
+                     fmt(tq.get("host_us"), 7, 0) + fmt(jit.get("host_us"), 6, 0) + fmt(cud.get("host_us"), 7, 0) +
+                     f"{paths:>7s}")
     lines += ["", f"{'rel L2 %':16s}" + "".join(f"{c:>7s}" for c, *_ in ERR_COLS)]
     for key in dict.fromkeys((r["shape"], r["inputs"]) for r in result["errors"]):
         rows = [r for r in result["errors"] if (r["shape"], r["inputs"]) == key]

@@ -1,38 +1,98 @@
 """Triton kernels of the fused FP8 quantisation (imported lazily by :mod:`.fp8`, never at package import).
 
-q, k and v are quantised together, program axis 2 picking the tensor, in three launches:
+q, k and v are quantised together (program axis 2 picks the tensor) in **two launches**:
 
-1. ``_stats`` (grid: token chunks x batch*heads x 3): per chunk the absolute maximum, and for k with
-   smoothing the per-channel max, min and sum, into a float32 workspace (no atomics: deterministic);
-2. ``_finalize`` (grid: batch*heads x 3): the maximum over chunks per (tensor, batch, head); for smoothed k
-   the per-channel mean and the exact absolute maximum of ``k - mean``, from the channel extremes
-   (``max(max_c - mean_c, mean_c - min_c)``, the same float32 operations the cast performs);
-3. ``_cast`` (grid as 1): the power-of-two scale from that maximum (per head, or the maximum over heads),
-   then subtract the mean (k), scale, clamp to +-448, round to e4m3 and store as contiguous [B, N, H, D];
-   chunk 0 of each head writes the descale.
+1. ``_stats`` (grid: token chunks x batch*heads x 3): per chunk the absolute maximum (for smoothed k the
+   per-channel max, min and sum) into a float32 workspace; then an atomic count per (tensor, head). The
+   chunk that completes a head reduces that head's chunks (amax; for smoothed k the per-channel mean and the
+   exact amax of ``k - mean`` from the channel extremes, ``max(max_c - mean_c, mean_c - min_c)``, the same
+   float32 operations the cast performs) and writes its scale and descale; it then counts the head for its
+   tensor, and the head that completes a tensor writes the tensor's spread of head scales and, for a tensor
+   quantised per tensor, the shared scale of all its heads. Results do not depend on which program arrives
+   last (maxima are order-free; chunk sums are added in chunk order), so the output is deterministic.
+2. ``_cast`` (the same grid, walked backwards so the chunks ``_stats`` read last, still in L2, are read
+   first): subtract the mean (k), scale, clamp to +-448, round to e4m3 and store contiguous [B, N, H, D].
 
-Inputs are read through their strides (BNHD or BHND views, contiguous last dim), twice, and written once
-in fp8: 5 bytes moved per element against a floor of 3 (read once, write once). With ``per_tensor`` launches
-the three steps run for one tensor after the other (9 launches), so a tensor that fits in L2 (Flux's 28 MB)
-is read the second time from L2. ``_dequant`` turns an
-e4m3 [B, N, H, D] attention output back into half precision times a per-head factor (3 bytes per element).
+Bytes per element: the input read twice and one fp8 byte written (5 for bf16; the second read partly hits
+L2), against a floor of 3. Counters: an int32 buffer that reads 0 when ``_stats`` starts; every counter is
+set back to 0 by the program that completes it (see :func:`.fp8.counters`).
+
+``_dequant`` turns an e4m3 [B, N, H, D] attention output back into half precision times a per-head factor
+(3 bytes per element, one launch).
+
+Launching: the first launch of a kernel for a given set of arguments goes through Triton's ``kernel[grid]``
+(binding, specialisation, compilation); it returns the compiled kernel, which is kept per key (device, dtype,
+pointer alignment, every integer argument, the constexprs: all Triton specialises on) and launched directly
+the next times (``compiled[grid](*args)``), skipping the per-launch binding work. ``GENESIS_FP8_FAST_LAUNCH=0``
+turns that off; a compiled kernel that refuses a direct launch turns it off for the process (logged once).
 """
 from __future__ import annotations
 
+import os
 from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ..._log import log_once
+
 TILE = 4096  # elements per [BLOCK_N, BLOCK_D] tile
-MAX_CHUNKS = 64  # token chunks per head (bounds the workspace and the reduction in _finalize)
+MAX_CHUNKS = 64  # token chunks per head (bounds the workspace and the reduction of a head)
 NUM_WARPS = 8  # 16 elements per thread per tile: two 16-byte loads of bf16
+ROWS = tl.constexpr(8)  # chunk rows a head's reduction reads per step (keeps its registers small)
+HEADS = 128  # heads a tensor's reduction reads at a time
+MAX_EXP = tl.constexpr(60)  # = fp8.MAX_EXPONENT
 
 
 @triton.jit
 def _pick(t, a, b, c):
     return tl.where(t == 0, a, tl.where(t == 1, b, c))
+
+
+@triton.jit
+def _exponent(amax):
+    """int32 s: the largest with amax * 2**s <= 448 (448 = 1.75 * 2**8), clamped to +-MAX_EXP; 0 where amax is
+    0 or not finite (what fp8.scale_exponents computes)."""
+    bits = amax.to(tl.int32, bitcast=True)
+    expo = (bits >> 23) & 0xFF
+    s = 8 - (expo - 127) - ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    s = tl.minimum(tl.maximum(s, -MAX_EXP), MAX_EXP)
+    return tl.where((bits == 0) | (expo == 0xFF), 0, s)
+
+
+@triton.jit
+def _scale_of(s):
+    return ((s + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _descale_of(amax, s):
+    finite = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) != 0xFF
+    return tl.where(finite, ((127 - s) << 23).to(tl.float32, bitcast=True), float("nan"))
+
+
+@triton.jit
+def _nanmax(x):
+    """max over a 1-D block, NaN if any element is NaN or Inf (tl.max alone drops NaN)."""
+    return tl.max(x, axis=0) + tl.sum(x * 0.0, axis=0)
+
+
+@triton.jit
+def _layout(BH, CHMAX, BLOCK_D: tl.constexpr):
+    """Float offsets in the workspace (mirrors workspace_layout below): the spreads [4], the scales [3, BH], the
+    heads' maxima [3, BH], the chunks' maxima [3, BH, CHMAX], smoothed k's chunk statistics [BH, CHMAX, 3, D]."""
+    scale = 4
+    hamax = scale + 3 * BH
+    part = hamax + 3 * BH
+    kstat = (part + 3 * BH * CHMAX + 3) // 4 * 4
+    return scale, hamax, part, kstat
+
+
+def workspace_layout(bh: int, chmax: int, block_d: int, smooth_k: bool) -> int:
+    """Floats in the workspace for ``_layout`` (the spreads come first)."""
+    kstat = (4 + 6 * bh + 3 * bh * chmax + 3) // 4 * 4
+    return kstat + (bh * chmax * 3 * block_d if smooth_k else 0)
 
 
 @triton.jit
@@ -81,27 +141,89 @@ def _channel_stats(base, sn, i, limit, offs_d, dmask, BLOCK_N: tl.constexpr, BLO
 
 
 @triton.jit
-def _stats(q, k, v, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, BH, NQ, NK, D, CHQ, CHK, NCQ, NCK, CHMAX,
-           ws, OFF_PAMAX, OFF_KSTAT, T0, SMOOTH_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _head_amax_k(ws, mean_out, KSTAT, bh, nch, NK, D, CHMAX, BLOCK_D: tl.constexpr):
+    """Smoothed k, one head: the mean over tokens from the chunks' channel sums (added in chunk order), stored,
+    and the exact max |k - mean| from the chunks' channel extremes. Volatile loads: the chunks were written
+    by other programs of this launch (ordered before us by the counter's acquire)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    mx = tl.full([BLOCK_D], float("-inf"), tl.float32)
+    mn = tl.full([BLOCK_D], float("inf"), tl.float32)
+    sm = tl.zeros([BLOCK_D], dtype=tl.float32)
+    j = 0
+    while j < nch:
+        for r in tl.static_range(ROWS):  # one chunk after the other: the sum's order is fixed
+            row = j + r
+            m = dmask & (row < nch)
+            p = ws + KSTAT + (bh.to(tl.int64) * CHMAX + row) * (3 * BLOCK_D) + offs_d
+            mx = tl.maximum(mx, tl.load(p, mask=m, other=float("-inf"), volatile=True))
+            mn = tl.minimum(mn, tl.load(p + BLOCK_D, mask=m, other=float("inf"), volatile=True))
+            sm += tl.load(p + 2 * BLOCK_D, mask=m, other=0.0, volatile=True)
+        j += ROWS
+    mean = tl.where(dmask, sm / NK, 0.0)
+    tl.store(mean_out + bh * D + offs_d, mean, mask=dmask)
+    dev = tl.where(dmask, tl.maximum(mx - mean, mean - mn), 0.0)
+    return _nanmax(dev)
+
+
+@triton.jit
+def _finish_tensor(ws, desc, cnt, t, BH, SCALE, HAMAX, PER_TENSOR: tl.constexpr, HB: tl.constexpr):
+    """The last head of tensor t: its spread of head scales and, per tensor, the shared scale for every head."""
+    tmax = tl.full([], 0.0, tl.float32)
+    smin = tl.full([], 1000, tl.int32)
+    smax = tl.full([], -1000, tl.int32)
+    j = 0
+    while j < BH:
+        hs = j + tl.arange(0, HB)
+        m = hs < BH
+        a = tl.load(ws + HAMAX + t * BH + hs, mask=m, other=0.0, volatile=True)
+        tmax = tl.maximum(tmax, _nanmax(a), propagate_nan=tl.PropagateNan.ALL)
+        s = _exponent(a)
+        valid = m & (a > 0) & (((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) != 0xFF)
+        smin = tl.minimum(smin, tl.min(tl.where(valid, s, 1000), axis=0))
+        smax = tl.maximum(smax, tl.max(tl.where(valid, s, -1000), axis=0))
+        j += HB
+    tl.store(ws + t, tl.where(smax > smin, smax - smin, 0).to(tl.float32))
+    if PER_TENSOR:
+        s = _exponent(tmax)
+        sc = _scale_of(s)
+        dsc = _descale_of(tmax, s)
+        j = 0
+        while j < BH:
+            hs = j + tl.arange(0, HB)
+            m = hs < BH
+            tl.store(ws + SCALE + t * BH + hs, tl.zeros([HB], tl.float32) + sc, mask=m)
+            tl.store(desc + t * BH + hs, tl.zeros([HB], tl.float32) + dsc, mask=m)
+            j += HB
+    tl.store(cnt + t, 0)
+
+
+@triton.jit
+def _stats(q, k, v, ws, desc, mean, cnt, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, NQ, NK, D, CHQ, CHK, CHMAX,
+           SMOOTH_K: tl.constexpr, TENSOR_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+           HB: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    t = tl.program_id(2) + T0
-    nch = tl.where(t == 0, NCQ, NCK)
-    if c < nch:  # chunks past this tensor's end write nothing (_finalize reads only c < nch)
+    t = tl.program_id(2)
+    BH = tl.num_programs(1)
+    n_tok = tl.where(t == 0, NQ, NK)
+    chunk = tl.where(t == 0, CHQ, CHK)
+    nch = tl.maximum(tl.cdiv(n_tok, chunk), 1)
+    SCALE, HAMAX, PART, KSTAT = _layout(BH, CHMAX, BLOCK_D)
+    if c < nch:  # chunks past this tensor's end do nothing (they are not counted either)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         base = _pick(t, q, k, v) + b * _pick(t, sqb, skb, svb).to(tl.int64) + h * _pick(t, sqh, skh, svh).to(tl.int64)
         sn = _pick(t, sqn, skn, svn).to(tl.int64)
-        chunk = tl.where(t == 0, CHQ, CHK)
         i = c * chunk
-        limit = tl.minimum(i + chunk, tl.where(t == 0, NQ, NK))
+        limit = tl.minimum(i + chunk, n_tok)
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < D
-        out = ws + OFF_PAMAX + (t * BH + bh) * CHMAX + c
+        out = ws + PART + (t * BH + bh) * CHMAX + c
         if SMOOTH_K:
             if t == 1:  # k: per-channel extremes and sums, for the mean and the exact max of |k - mean|
                 cmax, cmin, csum = _channel_stats(base, sn, i, limit, offs_d, dmask, BLOCK_N, BLOCK_D)
-                p = ws + OFF_KSTAT + (bh.to(tl.int64) * CHMAX + c) * (3 * BLOCK_D) + offs_d
+                p = ws + KSTAT + (bh.to(tl.int64) * CHMAX + c) * (3 * BLOCK_D) + offs_d
                 tl.store(p, cmax)
                 tl.store(p + BLOCK_D, cmin)
                 tl.store(p + 2 * BLOCK_D, csum)
@@ -109,75 +231,63 @@ def _stats(q, k, v, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, BH, NQ, NK, 
                 tl.store(out, _abs_stats(base, sn, i, limit, offs_d, dmask, BLOCK_N, BLOCK_D))
         else:
             tl.store(out, _abs_stats(base, sn, i, limit, offs_d, dmask, BLOCK_N, BLOCK_D))
+        # Every thread's stores above, then one acq_rel count (the threadfence-reduction pattern): the program
+        # that completes the head sees all its chunks' stores.
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt + 3 + t * BH + bh, 1, sem="acq_rel")
+        if done == nch - 1:
+            if SMOOTH_K:
+                if t == 1:
+                    amax = _head_amax_k(ws, mean, KSTAT, bh, nch, NK, D, CHMAX, BLOCK_D)
+                else:
+                    offs_c = tl.arange(0, 64)
+                    amax = _nanmax(tl.load(ws + PART + (t * BH + bh) * CHMAX + offs_c, mask=offs_c < nch, other=0.0,
+                                           volatile=True))
+            else:
+                offs_c = tl.arange(0, 64)
+                amax = _nanmax(tl.load(ws + PART + (t * BH + bh) * CHMAX + offs_c, mask=offs_c < nch, other=0.0,
+                                       volatile=True))
+            s = _exponent(amax)
+            tl.store(ws + HAMAX + t * BH + bh, amax)
+            tl.store(ws + SCALE + t * BH + bh, _scale_of(s))
+            tl.store(desc + t * BH + bh, _descale_of(amax, s))
+            tl.store(cnt + 3 + t * BH + bh, 0)
+            tl.debug_barrier()
+            heads = tl.atomic_add(cnt + t, 1, sem="acq_rel")
+            if heads == BH - 1:
+                per_tensor = ((TENSOR_MASK >> t) & 1) == 1
+                if per_tensor:
+                    _finish_tensor(ws, desc, cnt, t, BH, SCALE, HAMAX, True, HB)
+                else:
+                    _finish_tensor(ws, desc, cnt, t, BH, SCALE, HAMAX, False, HB)
 
 
 @triton.jit
-def _finalize(ws, BH, NK, D, NCQ, NCK, CHMAX, OFF_HAMAX, OFF_MEAN, OFF_PAMAX, OFF_KSTAT, T0,
-              SMOOTH_K: tl.constexpr, CH_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(0)
-    t = tl.program_id(1) + T0
-    nch = tl.where(t == 0, NCQ, NCK)
-    offs_c = tl.arange(0, CH_P)
-    cm = offs_c < nch
-    if SMOOTH_K:
-        if t == 1:
-            offs_d = tl.arange(0, BLOCK_D)
-            dmask = offs_d < D
-            m = cm[:, None] & dmask[None, :]
-            p = ws + OFF_KSTAT + (bh.to(tl.int64) * CHMAX + offs_c[:, None]) * (3 * BLOCK_D) + offs_d[None, :]
-            mx = tl.max(tl.load(p, mask=m, other=float("-inf")), axis=0)
-            mn = tl.min(tl.load(p + BLOCK_D, mask=m, other=float("inf")), axis=0)
-            mean = tl.sum(tl.load(p + 2 * BLOCK_D, mask=m, other=0.0), axis=0) / NK
-            mean = tl.where(dmask, mean, 0.0)
-            dev = tl.where(dmask, tl.maximum(mx - mean, mean - mn), 0.0)
-            amax = tl.max(dev, axis=0) + tl.sum(dev * 0.0, axis=0)  # NaN stays NaN
-            tl.store(ws + OFF_MEAN + bh * BLOCK_D + offs_d, mean)
-        else:
-            part = tl.load(ws + OFF_PAMAX + (t * BH + bh) * CHMAX + offs_c, mask=cm, other=0.0)
-            amax = tl.max(part, axis=0) + tl.sum(part * 0.0, axis=0)
-    else:
-        part = tl.load(ws + OFF_PAMAX + (t * BH + bh) * CHMAX + offs_c, mask=cm, other=0.0)
-        amax = tl.max(part, axis=0) + tl.sum(part * 0.0, axis=0)
-    tl.store(ws + OFF_HAMAX + t * BH + bh, amax)
-
-
-@triton.jit
-def _cast(q, k, v, out, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, BH, NQ, NK, D, CHQ, CHK, NCQ, NCK,
-          OUT_K, OUT_V, ws, OFF_DESC, OFF_HAMAX, OFF_MEAN, T0, SMOOTH_K: tl.constexpr, PER_TENSOR: tl.constexpr,
-          EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BH_P: tl.constexpr):
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
-    t = tl.program_id(2) + T0
-    if PER_TENSOR:
-        offs_h = tl.arange(0, BH_P)
-        heads = tl.load(ws + OFF_HAMAX + t * BH + offs_h, mask=offs_h < BH, other=0.0)
-        amax = tl.max(heads, axis=0) + tl.sum(heads * 0.0, axis=0)
-    else:
-        amax = tl.load(ws + OFF_HAMAX + t * BH + bh)
-    bits = amax.to(tl.int32, bitcast=True)
-    expo = (bits >> 23) & 0xFF
-    s = 8 - (expo - 127) - ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)  # 448 = 1.75 * 2**8
-    s = tl.minimum(tl.maximum(s, -126), 126)
-    scale = ((s + 127) << 23).to(tl.float32, bitcast=True)
-    descale = tl.where(expo != 0xFF, ((127 - s) << 23).to(tl.float32, bitcast=True), float("nan"))
-    if c == 0:
-        tl.store(ws + OFF_DESC + t * BH + bh, descale)
-    nch = tl.where(t == 0, NCQ, NCK)
+def _cast(q, k, v, q8, k8, v8, ws, mean_in, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, H, NQ, NK, D, CHQ, CHK, CHMAX,
+          SMOOTH_K: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # walked backwards: v's last heads' last chunks first (what _stats read last, the likeliest still in L2)
+    BH = tl.num_programs(1)
+    c = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = BH - 1 - tl.program_id(1)
+    t = 2 - tl.program_id(2)
+    n_tok = tl.where(t == 0, NQ, NK)
+    chunk = tl.where(t == 0, CHQ, CHK)
+    nch = tl.maximum(tl.cdiv(n_tok, chunk), 1)
+    SCALE, HAMAX, PART, KSTAT = _layout(BH, CHMAX, BLOCK_D)
     if c < nch:
+        scale = tl.load(ws + SCALE + t * BH + bh)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         base = _pick(t, q, k, v) + b * _pick(t, sqb, skb, svb).to(tl.int64) + h * _pick(t, sqh, skh, svh).to(tl.int64)
         sn = _pick(t, sqn, skn, svn).to(tl.int64)
-        n_tok = tl.where(t == 0, NQ, NK)
-        chunk = tl.where(t == 0, CHQ, CHK)
         row = (H * D).to(tl.int64)
-        obase = out + _pick(t, 0, OUT_K, OUT_V).to(tl.int64) + b * n_tok * row + h * D
+        obase = _pick(t, q8, k8, v8) + b * n_tok * row + h * D
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < D
         mean = tl.zeros([BLOCK_D], dtype=tl.float32)
         if SMOOTH_K:
             if t == 1:
-                mean = tl.load(ws + OFF_MEAN + bh * BLOCK_D + offs_d)
+                mean = tl.load(mean_in + bh * D + offs_d, mask=dmask, other=0.0)
         i = c * chunk
         limit = tl.minimum(i + chunk, n_tok)
         while i < limit:
@@ -199,18 +309,81 @@ def _dequant(o8, out, desc, N, H, D, factor, BLOCK_N: tl.constexpr, BLOCK_D: tl.
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    f = tl.load(desc + bh) * factor
+    f = tl.load(desc + bh) * factor  # float32 * float32
     offs_n = (pn * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     m = (offs_n < N)[:, None] & (offs_d < D)[None, :]
     row = (H * D).to(tl.int64)
     p = b * N * row + h * D + offs_n[:, None] * row + offs_d[None, :]
-    x = tl.load(o8 + p, mask=m, other=0.0).to(tl.float32) * f
-    tl.store(out + p, x.to(out.dtype.element_ty), mask=m)
+    x = tl.load(o8 + p, mask=m, other=0.0).to(tl.float32) * f  # exact e4m3 -> float32, one float32 product
+    tl.store(out + p, x.to(out.dtype.element_ty), mask=m)  # one rounding, to nearest even
+
+
+# ---------------------------------------------------------------- launching
+
+_fast = os.environ.get("GENESIS_FP8_FAST_LAUNCH", "1") != "0"
+
+
+def fast_launch(enabled: bool = None) -> bool:
+    """Whether compiled kernels are launched directly after the first launch (set ``enabled`` to change)."""
+    global _fast
+    if enabled is not None:
+        _fast = bool(enabled)
+        for launcher in (_STATS, _CAST, _DEQUANT):
+            launcher.compiled.clear()
+    return _fast
+
+
+class _Launcher:
+    """One kernel: ``launch(grid, args, constexprs)`` with ``args`` every runtime parameter in order and
+    ``constexprs`` the constexpr values in the order of the kernel's signature (they come last in it)."""
+
+    def __init__(self, fn, names: Tuple[str, ...]):
+        self.fn, self.names, self.compiled = fn, names, {}
+        arg_names = getattr(fn, "arg_names", None)
+        if arg_names is not None:  # the direct launch passes the constexprs positionally, after the rest
+            assert tuple(arg_names[len(arg_names) - len(names):]) == names, (arg_names, names)
+
+    def __call__(self, grid, args: tuple, constexprs: tuple, key_extra: tuple) -> None:
+        key = None
+        if _fast:
+            key = key_extra + constexprs + tuple(a for a in args if isinstance(a, int))
+            kern = self.compiled.get(key)
+            if kern is not None:
+                try:
+                    kern[grid](*args, *constexprs)
+                    return
+                except Exception as exc:  # noqa: BLE001  (any refusal: fall back to Triton's own launch)
+                    fast_launch(False)
+                    log_once(("fp8-fast-launch", type(exc).__name__),
+                             f"direct launch of a compiled FP8 quantisation kernel failed ({type(exc).__name__}: "
+                             f"{exc}); using Triton's launch path from now on")
+                    key = None
+        kern = self.fn[grid](*args, **dict(zip(self.names, constexprs)), num_warps=NUM_WARPS)
+        if key is not None and kern is not None and hasattr(kern, "__getitem__") and _fast:
+            if len(self.compiled) > 256:
+                self.compiled.clear()
+            self.compiled[key] = kern
+
+
+_STATS = _Launcher(_stats, ("SMOOTH_K", "TENSOR_MASK", "BLOCK_N", "BLOCK_D", "HB"))
+_CAST = _Launcher(_cast, ("SMOOTH_K", "EXACT", "BLOCK_N", "BLOCK_D"))
+_DEQUANT = _Launcher(_dequant, ("BLOCK_N", "BLOCK_D"))
+
+
+def _aligned(*ts) -> int:
+    bits = 0
+    for i, t in enumerate(ts):
+        bits |= (t.data_ptr() % 16 == 0) << i
+    return bits
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _blocks(d: int) -> Tuple[int, int]:
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, _pow2(d))
     return max(16, TILE // block_d), block_d
 
 
@@ -222,11 +395,15 @@ def chunks(n: int, block_n: int) -> Tuple[int, int]:
     return per, -(-max(n, 1) // per)
 
 
-def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, per_tensor: bool, smooth_k: bool,
-                 exact: bool, launches: str = "fused"):
-    """(q8, k8, v8, descale [3, B, H], k_mean or None) for BHND views q [B, H, Nq, D], k/v [B, H, Nk, D]
-    (validated by the caller: one dtype and device, equal B/H/D, contiguous last dim). ``launches``:
-    ``fused`` (3 launches for the three tensors) or ``per_tensor`` (3 per tensor, one tensor after the other)."""
+def launches_per_call() -> int:
+    """Kernel launches of one :func:`quantize_qkv` call."""
+    return 2
+
+
+_plans: dict = {}  # (B, H, NQ, NK, D, strides, flags) -> what a call of that signature launches: pure data
+
+
+def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor_mask: int, smooth_k: bool, exact: bool):
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     BH = B * H
@@ -234,33 +411,39 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, per_tensor: 
     chq, ncq = chunks(NQ, block_n)
     chk, nck = chunks(NK, block_n)
     chmax = max(ncq, nck)
-    off_hamax = 3 * BH
-    off_mean = off_hamax + 3 * BH
-    off_pamax = off_mean + BH * block_d
-    off_kstat = off_pamax + 3 * BH * chmax
-    total = off_kstat + (BH * chmax * 3 * block_d if smooth_k else 0)
-    ws = torch.empty(total, dtype=torch.float32, device=q.device)
-    eq, ek = B * NQ * H * D, B * NK * H * D
-    out = torch.empty(eq + 2 * ek, dtype=torch.float8_e4m3fn, device=q.device)
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
-    meta = dict(num_warps=NUM_WARPS)
-    # fused: each launch covers q, k and v (3 launches). per_tensor: stats, finalize and cast of one tensor
-    # after the other (9 launches), so a tensor that fits in L2 is read the second time from L2.
-    groups = ((0, 3),) if launches == "fused" else ((0, 1), (1, 1), (2, 1))
-    for t0, n in groups:
-        _stats[(chmax, BH, n)](q, k, v, *strides, H, BH, NQ, NK, D, chq, chk, ncq, nck, chmax, ws, off_pamax,
-                               off_kstat, t0, SMOOTH_K=smooth_k, BLOCK_N=block_n, BLOCK_D=block_d, **meta)
-        _finalize[(BH, n)](ws, BH, NK, D, ncq, nck, chmax, off_hamax, off_mean, off_pamax, off_kstat, t0,
-                           SMOOTH_K=smooth_k, CH_P=max(2, triton.next_power_of_2(chmax)), BLOCK_D=block_d, **meta)
-        _cast[(chmax, BH, n)](q, k, v, out, *strides, H, BH, NQ, NK, D, chq, chk, ncq, nck, eq, eq + ek, ws, 0,
-                              off_hamax, off_mean, t0, SMOOTH_K=smooth_k, PER_TENSOR=per_tensor, EXACT=exact,
-                              BLOCK_N=block_n, BLOCK_D=block_d, BH_P=max(2, triton.next_power_of_2(BH)), **meta)
-    q8 = out[:eq].view(B, NQ, H, D)
-    k8 = out[eq:eq + ek].view(B, NK, H, D)
-    v8 = out[eq + ek:].view(B, NK, H, D)
-    descale = ws[:3 * BH].view(3, B, H)
-    mean = ws[off_mean:off_mean + BH * block_d].view(B, H, block_d)[:, :, :D] if smooth_k else None
-    return q8, k8, v8, descale, mean
+    sq, sk, sv = q.stride(), k.stride(), v.stride()
+    ints = (sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], H, NQ, NK, D, chq, chk, chmax)
+    return ((chmax, BH, 3), ints, workspace_layout(BH, chmax, block_d, smooth_k), 3 + 3 * BH,
+            (bool(smooth_k), int(tensor_mask), block_n, block_d, HEADS), (bool(smooth_k), bool(exact), block_n, block_d),
+            (B, NQ, H, D), (B, NK, H, D), (3, B, H), (B, H, D) if smooth_k else None)
+
+
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor_mask: int, smooth_k: bool, exact: bool,
+                 counters):
+    """(q8, k8, v8, descale [3, B, H], k_mean or None, spread [3]) for BHND views q [B, H, Nq, D], k/v
+    [B, H, Nk, D] (validated by the caller: one dtype and device, equal B/H/D, contiguous last dim).
+    ``tensor_mask``: bit i set where tensor i (q, k, v) takes one scale for all its heads. ``counters(n)``:
+    an int32 buffer of at least n zeros (:func:`.fp8.counters`), zeros again after the launch."""
+    key = (q.shape, k.shape[2], q.stride(), k.stride(), v.stride(), tensor_mask, smooth_k, exact)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) > 1024:
+            _plans.clear()
+        plan = _plans[key] = _plan(q, k, v, tensor_mask, smooth_k, exact)
+    grid, ints, total, n_cnt, c_stats, c_cast, q_shape, kv_shape, d_shape, m_shape = plan
+    dev = q.device
+    e4m3 = torch.float8_e4m3fn
+    q8 = torch.empty(q_shape, dtype=e4m3, device=dev)
+    k8 = torch.empty(kv_shape, dtype=e4m3, device=dev)
+    v8 = torch.empty(kv_shape, dtype=e4m3, device=dev)
+    descale = torch.empty(d_shape, dtype=torch.float32, device=dev)
+    ws = torch.empty(total, dtype=torch.float32, device=dev)
+    mean = descale if m_shape is None else torch.empty(m_shape, dtype=torch.float32, device=dev)
+    cnt = counters(n_cnt)
+    key = (dev.index, q.dtype, _aligned(q, k, v))
+    _STATS(grid, (q, k, v, ws, descale, mean, cnt) + ints, c_stats, key)
+    _CAST(grid, (q, k, v, q8, k8, v8, ws, mean) + ints, c_cast, key)
+    return q8, k8, v8, descale, None if m_shape is None else mean, ws[:3]
 
 
 def dequantize(o8: torch.Tensor, descale: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:
@@ -268,6 +451,7 @@ def dequantize(o8: torch.Tensor, descale: torch.Tensor, factor: float, dtype: to
     B, N, H, D = o8.shape
     out = torch.empty((B, N, H, D), dtype=dtype, device=o8.device)
     block_n, block_d = _blocks(D)
-    _dequant[(triton.cdiv(max(N, 1), block_n), B * H)](o8, out, descale, N, H, D, factor,
-                                                        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=NUM_WARPS)
+    grid = (-(-max(N, 1) // block_n), B * H, 1)
+    _DEQUANT(grid, (o8, out, descale, N, H, D, float(factor)), (block_n, block_d),
+             (o8.device.index, dtype, _aligned(o8, out, descale)))
     return out

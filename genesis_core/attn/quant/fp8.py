@@ -4,11 +4,19 @@ The FP8 attention kernels (FlashAttention-3's FP8 path, cuDNN's FP8 SDPA) take q
 ``torch.float8_e4m3fn`` plus float32 *descale* factors: a stored element times its descale is the input
 value again. Genesis quantises every group of values (one tensor, one (batch, head), or one block of
 tokens of a head) with a **power-of-two scale**: ``scale = 2**s`` with ``s`` the largest integer such
-that ``amax * 2**s <= 448`` (e4m3's largest finite value), clamped to [-126, 126]; ``descale = 2**-s``.
+that ``amax * 2**s <= 448`` (e4m3's largest finite value), clamped to [-60, 60]; ``descale = 2**-s``.
 Powers of two make the scaling itself exact (no rounding in ``x * scale`` nor in the descale), so the
 only error is e4m3's own rounding (round to nearest even, 3 mantissa bits: at most 2**-4 relative for
-normal values). A group whose maximum is not finite gets a NaN descale, so the attention output is NaN
-and the accuracy checks see it. A group whose maximum is 0 gets ``s = 126`` (its values are all 0).
+normal values).
+
+Groups that carry no scale information get ``s = 0`` (scale and descale 1): a group whose maximum is 0
+(an all-zero head, or k after smoothing when it has one key or all keys equal) is stored as exact zeros
+with descale 1, and a group whose maximum is not finite gets scale 1 and a NaN descale, so the attention
+output is NaN and the accuracy checks see it. Why the clamp at 60: the kernels multiply the q and k
+descales together with the softmax scale (and log2 e); with descales in [2**-60, 2**60] that product stays
+a normal float32 (>= 2**-126) for softmax scales down to 2**-6, where the old clamp at 126 let it flush
+to 0 for quiet heads, and 0 times the -inf of a masked key column is NaN (FA3 and cuDNN returned NaN for
+a single key). A group quieter than 448 * 2**-60 (about 4e-16) simply lands below 448 in e4m3.
 
 Because e4m3 is a floating-point format, its relative precision does not depend on the scale: the group
 size (per tensor, per head, per block) only decides which small values fall below e4m3's normal range.
@@ -18,20 +26,23 @@ output are unchanged in exact arithmetic, while a large per-channel offset in k 
 activations) no longer eats e4m3's precision.
 
 Two implementations, one contract (:class:`FP8QKV`: fp8 q, k, v as contiguous [B, N, H, D] tensors, the
-layout both kernels read natively, and descales [3, B, H]):
+layout both kernels read natively, descales [3, B, H], and per tensor the spread of its heads' scales):
 
 * :func:`quantize_qkv_reference`: plain PyTorch (several passes; also the "unfused" baseline);
-* :func:`quantize_qkv`: Triton kernels (:mod:`._fp8_triton`, imported on first use) reading the caller's
-  layout through its strides (BNHD or BHND, any batch/head/token strides, contiguous last dim) and
-  writing fp8 in three steps (per-chunk statistics, per-head reduction, scale-and-cast), launched for the
-  three tensors at once or, where one tensor fits in L2 and three do not, one tensor after the other.
+* :func:`quantize_qkv`: two Triton launches for q, k and v together (:mod:`._fp8_triton`, imported on first
+  use) reading the caller's layout through its strides (BNHD or BHND, any batch/head/token strides,
+  contiguous last dim): statistics per chunk of tokens, where the last chunk of each head to finish also
+  reduces the head (and the last head of each tensor the tensor), then scale-and-cast.
 :func:`quantize_reference` also offers per-block scales (for error studies: neither kernel takes them).
+Granularity is ``head``, ``tensor`` or a (q, k, v) triple of those (cuDNN on Hopper takes one q and one k
+descale but applies v's per head after the kernel: ``("tensor", "tensor", "head")``).
 """
 from __future__ import annotations
 
 import importlib
 import os
-from typing import NamedTuple, Optional, Tuple
+import threading
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -39,8 +50,9 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 GRANULARITIES = ("tensor", "head", "block")
 KERNEL_GRANULARITIES = ("tensor", "head")  # what FA3 (descale per (batch, kv head)) and cuDNN can consume
-MAX_EXPONENT = 126
+MAX_EXPONENT = 60  # |s| <= 60: the product of a q and a k descale stays in [2**-120, 2**120] (see above)
 TRITON_PIP = "pip install triton"
+Granularity = Union[str, Sequence[str]]
 
 
 class Quantized(NamedTuple):
@@ -60,6 +72,9 @@ class FP8QKV(NamedTuple):
     q, k, v: ``float8_e4m3fn`` contiguous [B, N, H, D] (BNHD); ``.transpose(1, 2)`` is the BHND view.
     descale: float32 [3, B, H] (q, k, v); ``descale[i]`` is a contiguous [B, H] tensor, what FA3 takes.
     k_mean: float32 [B, H, D] subtracted from k (smoothing), or None.
+    spread: float32 [3]: per tensor, how many binades (powers of two) lie between the per-head scales of its
+    loudest and its quietest head (all-zero and non-finite heads left out; 0 with fewer than two heads);
+    what one shared scale would cost the quietest head (see ``fp8_cudnn``).
     """
 
     q: torch.Tensor
@@ -67,20 +82,20 @@ class FP8QKV(NamedTuple):
     v: torch.Tensor
     descale: torch.Tensor
     k_mean: Optional[torch.Tensor]
+    spread: Optional[torch.Tensor] = None
 
 
 # ---------------------------------------------------------------- the reference (PyTorch)
 
 
 def scale_exponents(amax: torch.Tensor) -> torch.Tensor:
-    """int32 ``s``: the largest integer with ``amax * 2**s <= 448``, clamped to [-126, 126] (126 where
-    ``amax`` is 0 or below float32's normal range). Computed from ``frexp`` (amax = m * 2**e, m in [0.5, 1)):
+    """int32 ``s``: the largest integer with ``amax * 2**s <= 448``, clamped to [-60, 60]; 0 where ``amax``
+    is 0 or not finite (nothing to scale). Computed from ``frexp`` (amax = m * 2**e, m in [0.5, 1)):
     ``448 = 0.875 * 2**9``, so ``s = 9 - e - (m > 0.875)``."""
     a = amax.float()
     m, e = torch.frexp(a)
-    s = 9 - e.to(torch.int32) - (m > 0.875).to(torch.int32)
-    s = torch.where(a < torch.finfo(torch.float32).tiny, torch.full_like(s, MAX_EXPONENT), s)
-    return s.clamp(-MAX_EXPONENT, MAX_EXPONENT)
+    s = (9 - e.to(torch.int32) - (m > 0.875).to(torch.int32)).clamp(-MAX_EXPONENT, MAX_EXPONENT)
+    return torch.where(torch.isfinite(a) & (a > 0), s, torch.zeros_like(s))
 
 
 def _scales(amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +106,14 @@ def _scales(amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     descale = torch.ldexp(one, -s)
     descale = torch.where(torch.isfinite(amax.float()), descale, torch.full_like(descale, float("nan")))
     return scale, descale
+
+
+def head_spread(amax: torch.Tensor) -> float:
+    """Binades between the scale exponents of the loudest and the quietest head (``amax`` per head, any
+    shape); heads whose maximum is 0 or not finite are left out; 0.0 with fewer than two such heads."""
+    a = amax.float().flatten()
+    s = scale_exponents(a)[torch.isfinite(a) & (a > 0)]
+    return float(s.max() - s.min()) if s.numel() > 1 else 0.0
 
 
 def _cast(y: torch.Tensor) -> torch.Tensor:
@@ -157,12 +180,32 @@ def dequantize(t: Quantized, add_mean: bool = False) -> torch.Tensor:
     return x
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, granularity: str) -> None:
+def granularities(granularity: Granularity) -> Tuple[str, str, str]:
+    """(q, k, v) granularities from ``head``, ``tensor`` or a triple of those; ValueError otherwise."""
+    g = (granularity,) * 3 if isinstance(granularity, str) else tuple(granularity)
+    if len(g) != 3 or any(x not in KERNEL_GRANULARITIES for x in g):
+        raise ValueError(f"granularity must be one of {', '.join(KERNEL_GRANULARITIES)} or a (q, k, v) triple of them "
+                         f"for q/k/v quantisation (the FP8 kernels take no per-block scales); got {granularity!r}")
+    return g  # type: ignore[return-value]
+
+
+_GRANULARITY_OF = {g: (g, g, g) for g in KERNEL_GRANULARITIES}
+_GRANULARITY_OF[("tensor", "tensor", "head")] = ("tensor", "tensor", "head")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, granularity: Granularity) -> Tuple[str, str, str]:
+    try:
+        g = _GRANULARITY_OF[granularity]
+    except (KeyError, TypeError):
+        g = None
+    qs, ks = q.shape, k.shape
+    if (g is not None and len(qs) == 4 and len(ks) == 4 and ks == v.shape and qs[:2] == ks[:2] and qs[3] == ks[3]
+            and q.dtype == k.dtype == v.dtype and q.dtype in _FLOATS and q.device == k.device == v.device):
+        return g  # the common, valid call: a handful of comparisons
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_4d(t, name)
-    if granularity not in KERNEL_GRANULARITIES:
-        raise ValueError(f"granularity must be one of {', '.join(KERNEL_GRANULARITIES)} for q/k/v quantisation "
-                         f"(the FP8 kernels take no per-block scales); got {granularity!r}")
+    g = granularities(granularity)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -170,38 +213,50 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, granularity: s
     if q.shape[:2] != k.shape[:2] or k.shape != v.shape or q.shape[3] != k.shape[3]:
         raise ValueError("q [B, H, Nq, D], k and v [B, H, Nk, D] must share B, H and D (no grouped-query heads, "
                          f"equal head dims); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    return g
 
 
-def quantize_qkv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, granularity: str = "head",
+def quantize_qkv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, granularity: Granularity = "head",
                            smooth_k: bool = True, k_mean: Optional[torch.Tensor] = None) -> FP8QKV:
     """:func:`quantize_qkv` in plain PyTorch (the unfused baseline and the tests' reference)."""
-    _check_qkv(q, k, v, granularity)
-    parts = [quantize_reference(q, granularity),
-             quantize_reference(k, granularity, smooth=smooth_k, mean=k_mean),
-             quantize_reference(v, granularity)]
+    g = _check_qkv(q, k, v, granularity)
+    parts, spread = [], []
+    for i, (t, gi) in enumerate(zip((q, k, v), g)):
+        smooth = smooth_k and i == 1
+        parts.append(quantize_reference(t, gi, smooth=smooth, mean=k_mean if smooth else None))
+        xf = t.float() - (parts[-1].mean[:, :, None, :] if smooth else 0.0)
+        amax = xf.abs().amax(dim=(2, 3)) if xf.numel() else torch.zeros(t.shape[:2], device=t.device)
+        spread.append(head_spread(amax))
     data = [p.data.transpose(1, 2).contiguous() for p in parts]
-    return FP8QKV(data[0], data[1], data[2], torch.stack([p.descale for p in parts]), parts[1].mean)
+    return FP8QKV(data[0], data[1], data[2], torch.stack([p.descale for p in parts]), parts[1].mean,
+                  torch.tensor(spread, dtype=torch.float32, device=q.device))
 
 
 # ---------------------------------------------------------------- the Triton path
 
 _kernels_mod = None
 _missing: Optional[str] = None
+_interp: Optional[bool] = None
 
 
 def interpreting() -> bool:
-    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``): as the kernels were decorated once
+    they are loaded (Triton reads the variable then), before that the environment's."""
+    if _interp is not None:
+        return _interp
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _kernels():
     """The Triton kernel module (imports triton on first use); ImportError saying why it cannot."""
-    global _kernels_mod, _missing
+    global _kernels_mod, _missing, _interp
     if _kernels_mod is None:
         if _missing is not None:
             raise ImportError(_missing)
         try:
+            interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
             _kernels_mod = importlib.import_module(f"{__package__}._fp8_triton")
+            _interp = interp
         except ImportError as exc:
             _missing = (f"Triton is not installed or does not import ({type(exc).__name__}: {exc}); Genesis's fused "
                         f"FP8 quantisation kernels need it ({TRITON_PIP})")
@@ -228,51 +283,76 @@ def _triton_device_check(x: torch.Tensor) -> None:
                          f"got a tensor on {x.device}")
 
 
-LAUNCHES = ("auto", "fused", "per_tensor")
-L2_SHARE = 0.6  # the part of the L2 cache a tensor may fill and still be read back from it
+# ---------------------------------------------------------------- the counters the statistics launch uses
+#
+# The statistics launch finds "the last chunk of a head" and "the last head of a tensor" with int32 atomic
+# counters that must read 0 when it starts. The program that sees a counter reach its total sets it back to
+# 0 before the launch ends, so a buffer that starts zeroed is zeroed again after every launch. One buffer per
+# (device, stream): launches on one stream run one after the other, so they never share a counter while it
+# counts; two streams never share a buffer. While a CUDA graph is being captured each call gets a fresh
+# zeroed buffer instead (the graph may be replayed on any stream). Nothing else is cached between calls:
+# the fp8 outputs, descales, means and spreads are allocated fresh for every call.
+
+_counters: Dict[Tuple[str, int, int], torch.Tensor] = {}
+_counters_lock = threading.Lock()
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
-def launch_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """``fused`` (q, k, v in each of 3 launches) unless q, k and v together overflow the L2 cache while each
-    one alone fits: then ``per_tensor`` (9 launches, each tensor's second read served from L2)."""
-    if q.device.type != "cuda":
-        return "fused"
-    l2 = getattr(torch.cuda.get_device_properties(q.device), "L2_cache_size", 0)
-    return order_for([t.numel() * t.element_size() for t in (q, k, v)], l2)
+def _stream_id(device: torch.device) -> int:
+    if _raw_stream is not None:
+        return int(_raw_stream(device.index))
+    return int(torch.cuda.current_stream(device).cuda_stream)
 
 
-def order_for(sizes, l2_bytes: int) -> str:
-    """:func:`launch_order` from the three tensors' sizes and the L2 size (bytes)."""
-    room = l2_bytes * L2_SHARE
-    return "per_tensor" if sum(sizes) > room >= max(sizes) else "fused"
+def counters(device: torch.device, n: int) -> torch.Tensor:
+    """An int32 buffer of at least ``n`` zeros for the statistics launch on ``device``'s current stream."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(n, dtype=torch.int32, device=device)
+        key = ("cuda", device.index, _stream_id(device))
+    else:
+        key = (device.type, -1, 0)
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < n:
+        with _counters_lock:
+            buf = _counters.get(key)
+            if buf is None or buf.numel() < n:
+                buf = torch.zeros(max(n, 256, 2 * (0 if buf is None else buf.numel())), dtype=torch.int32,
+                                  device=device)
+                _counters[key] = buf
+    return buf
 
 
-def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, granularity: str = "head",
-                 smooth_k: bool = True, exact_round: Optional[bool] = None, launches: str = "auto") -> FP8QKV:
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, granularity: Granularity = "head",
+                 smooth_k: bool = True, exact_round: Optional[bool] = None) -> FP8QKV:
     """Quantise q, k, v ([B, H, N, D] BHND views, e.g. of contiguous [B, N, H, D] tensors) to e4m3 with the
-    fused Triton kernels; same result as :func:`quantize_qkv_reference` (bit for bit, given the same k mean).
+    fused Triton kernels (two launches for the three tensors); same result as :func:`quantize_qkv_reference`
+    (bit for bit, given the same k mean).
 
-    granularity: ``head`` (one scale per (batch, head), what FA3 takes) or ``tensor``. smooth_k: subtract k's
-    per-head mean first (softmax is unchanged). exact_round: round to e4m3 in float32 arithmetic before the
-    cast instead of the hardware cast (same result; default: only under the interpreter, whose own cast
-    is not round-to-nearest-even). launches: ``fused``, ``per_tensor`` or ``auto`` (:func:`launch_order`); the
-    result is the same. ImportError without Triton; ValueError/TypeError for bad inputs.
+    granularity: ``head`` (one scale per (batch, head), what FA3 takes), ``tensor``, or a (q, k, v) triple.
+    smooth_k: subtract k's per-head mean first (softmax is unchanged). exact_round: round to e4m3 in float32
+    arithmetic before the cast instead of the hardware cast (same result; default: only under the
+    interpreter, whose own cast is not round-to-nearest-even). ImportError without Triton; ValueError or
+    TypeError for bad inputs.
     """
-    _check_qkv(q, k, v, granularity)
-    if launches not in LAUNCHES:
-        raise ValueError(f"launches must be one of {', '.join(LAUNCHES)}; got {launches!r}")
+    g = _check_qkv(q, k, v, granularity)
     _triton_device_check(q)
     kern = _kernels()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     exact = interpreting() if exact_round is None else bool(exact_round)
-    order = launch_order(q, k, v) if launches == "auto" else launches
-    return FP8QKV(*kern.quantize_qkv(q, k, v, granularity == "tensor", bool(smooth_k), exact, order))
+    mask = (g[0] == "tensor") | (g[1] == "tensor") << 1 | (g[2] == "tensor") << 2
+    device = q.device
+    return FP8QKV(*kern.quantize_qkv(q, k, v, mask, bool(smooth_k), exact, lambda n: counters(device, n)))
 
 
 def dequantize_output(o8: torch.Tensor, descale: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:
     """``o8`` (e4m3 [B, N, H, D], contiguous) times ``factor * descale[b, h]`` (float32 [B, H]) in ``dtype``,
     one fused pass (Triton on CUDA; PyTorch elsewhere). Used to turn an FP8 attention output back into the
-    caller's precision."""
+    caller's precision.
+
+    The arithmetic, the same on both paths: ``f = float32(descale[b, h] * float32(factor))``, then each
+    element ``float32(e4m3 value) * f`` in float32, rounded once (to nearest even) to ``dtype``; values past
+    ``dtype``'s range become +-inf, as a cast does."""
     if o8.dim() != 4 or not o8.is_contiguous():
         raise ValueError(f"o8 must be a contiguous 4-D [B, N, H, D] tensor; got shape {tuple(o8.shape)}")
     B, _, H, _ = o8.shape
@@ -281,11 +361,19 @@ def dequantize_output(o8: torch.Tensor, descale: torch.Tensor, factor: float, dt
     if o8.device.type == "cuda" or (interpreting() and _kernels_reason() is None):
         kern = _kernels()
         return kern.dequantize(o8, descale.contiguous(), float(factor), dtype)
-    return (o8.float() * (descale.float() * factor)[:, None, :, None]).to(dtype)
+    return dequantize_output_reference(o8, descale, factor, dtype)
+
+
+def dequantize_output_reference(o8: torch.Tensor, descale: torch.Tensor, factor: float,
+                                dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dequantize_output` in PyTorch (float32 arithmetic, one rounding to ``dtype``)."""
+    f = descale.float() * torch.tensor(float(factor), dtype=torch.float32, device=descale.device)
+    return (o8.float() * f[:, None, :, None]).to(dtype)
 
 
 __all__ = [
-    "E4M3", "E4M3_MAX", "FP8QKV", "GRANULARITIES", "KERNEL_GRANULARITIES", "Quantized", "dequantize",
-    "dequantize_output", "interpreting", "LAUNCHES", "launch_order", "order_for", "quantize_qkv",
-    "quantize_qkv_reference", "quantize_reference", "scale_exponents", "triton_missing",
+    "E4M3", "E4M3_MAX", "FP8QKV", "GRANULARITIES", "KERNEL_GRANULARITIES", "MAX_EXPONENT", "Quantized", "counters",
+    "dequantize", "dequantize_output", "dequantize_output_reference", "granularities", "head_spread",
+    "interpreting", "quantize_qkv", "quantize_qkv_reference", "quantize_reference", "scale_exponents",
+    "triton_missing",
 ]
