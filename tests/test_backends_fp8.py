@@ -94,7 +94,9 @@ def test_fp8_cudnn_probe_without_the_package(clean_modules):
     assert fp8_cudnn._probe() == f"not installed ({fp8_cudnn.PIP})"
 
 
-def _fake_fa3(kind):
+def _fake_fa3(kind, direct=None):
+    """A fake FA3 module: flash_attn_func of ``kind``, and (``direct``: its kind) the compiled fwd op behind it,
+    with a schema naming its arguments as fa3-fwd 0.0.3's does."""
     def flash_attn_func(q, k, v, softmax_scale=None, causal=False, q_descale=None, k_descale=None, v_descale=None):
         # FA3's FP8 contract (hopper/flash_api.cpp): e4m3 [B, N, H, D] with a contiguous last dim, descales
         # float32 (batch, num_heads_k); bfloat16 out
@@ -111,13 +113,26 @@ def _fake_fa3(kind):
             out = out.flip(1)
         return out.to(torch.bfloat16).contiguous(), None  # FA3 allocates a contiguous [B, N, H, D] output
 
-    return types.SimpleNamespace(__name__="fa3_fwd_interface", flash_attn_func=flash_attn_func)
+    mod = types.SimpleNamespace(__name__="fa3_fwd_interface", flash_attn_func=flash_attn_func, direct_calls=[])
+    if direct is not None:
+        names = ["q", "k", "v", "k_new", "v_new", "q_v", "out", "q_descale", "k_descale", "v_descale", "softmax_scale",
+                 "is_causal", "num_splits", "pack_gqa", "sm_margin"]
+
+        def fwd(q, k, v, q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, num_splits=0):
+            mod.direct_calls.append(num_splits)
+            inner = _fake_fa3(direct).flash_attn_func
+            return (inner(q, k, v, softmax_scale=softmax_scale, q_descale=q_descale, k_descale=k_descale,
+                          v_descale=v_descale)[0], None, None, None)
+
+        fwd._schema = types.SimpleNamespace(arguments=[types.SimpleNamespace(name=n) for n in names])
+        mod.fa3_fwd_cuda = types.SimpleNamespace(fwd=types.SimpleNamespace(default=fwd))
+    return mod
 
 
 @pytest.fixture
 def fake_fa3(clean_modules):
-    def install(kind, cuda=True):
-        clean_modules.setitem(sys.modules, "fa3_fwd_interface", _fake_fa3(kind))
+    def install(kind, cuda=True, direct=None):
+        clean_modules.setitem(sys.modules, "fa3_fwd_interface", _fake_fa3(kind, direct))
         clean_modules.setattr(pkg, "probe_device", lambda: "cpu" if cuda else None)
         clean_modules.setattr(fp8, "triton_missing", lambda: None)
         clean_modules.setattr(fa3_fp8, "_quantize", fp8.quantize_qkv_reference)
@@ -145,6 +160,24 @@ def test_fa3_fp8_probe_accepts_a_kernel_that_attends(fake_fa3):
 def test_fa3_fp8_probe_refuses_wrong_or_unwritten_output(fake_fa3, kind, words):
     why = fake_fa3(kind)
     assert why is not None and words in why and fa3_fp8._fn is None
+
+
+def test_fa3_fp8_calls_the_compiled_op_directly_when_it_works(fake_fa3):
+    assert fake_fa3("good", direct="good") is None
+    mod = sys.modules["fa3_fwd_interface"]
+    assert fa3_fp8._path == "direct fwd op" and mod.direct_calls == [1]  # num_splits=1, as flash_attn_func passes
+    call = _call(B=1, H=2, NQ=20, NK=30, D=64)
+    out = fa3_fp8.run(call)
+    assert mod.direct_calls == [1, 1] and "direct fwd op" in fa3_fp8._description()
+    ref = pkg.reference(call)
+    assert float((out.double() - ref).norm() / ref.norm()) < 0.1
+
+
+def test_fa3_fp8_falls_back_to_flash_attn_func_when_the_direct_op_is_wrong(fake_fa3):
+    assert fake_fa3("good", direct="wrong") is None
+    assert fa3_fp8._path == "flash_attn_func" and fa3_fp8._attend is fa3_fp8._wrapper_attend
+    why = fake_fa3("wrong", direct="wrong")
+    assert "FP8: direct fwd op: returns wrong results" in why and "; flash_attn_func: returns wrong" in why
 
 
 def test_fa3_fp8_probe_without_triton(fake_fa3, monkeypatch):
@@ -253,7 +286,8 @@ def test_plan_execute_binds_every_tensor(fake_cudnn):
     o8 = torch.empty(2, 10, 3, 64, dtype=E4M3)
     plan.execute(qkv, o8)
     u, pack = plan.uids, seen["pack"]
-    assert pack[u["q"]] is qkv.q and pack[u["o"]] is o8 and seen["handle"] == "handle"
+    assert pack[u["q"]] == qkv.q.data_ptr() and pack[u["o"]] == o8.data_ptr() and seen["handle"] == "handle"
+    assert pack[u["k"]] == qkv.k.data_ptr() and pack[u["v"]] == qkv.v.data_ptr()
     assert pack[u["descale_k"]] - pack[u["descale_q"]] == 4 * 2 * 3  # descale[1] follows descale[0] ([B, H] f32)
     assert (pack[u["descale_v"]], pack[u["scale_o"]], pack[u["scale_s"]], pack[u["descale_s"]]) == (100, 100, 104, 108)
     assert set(pack) == set(u.values())
@@ -375,6 +409,25 @@ def test_out_of_memory_while_building_is_not_remembered(fake_cudnn, monkeypatch)
         with pytest.raises(torch.cuda.OutOfMemoryError):
             fp8_cudnn.plan_for(_call())
     assert len(calls) == 2
+
+
+def test_run_refuses_per_tensor_q_k_scales_that_would_lose_a_quiet_head(fake_cudnn, monkeypatch):
+    quantised = []
+
+    def quantize(q, k, v, granularity, smooth_k):
+        quantised.append(granularity)
+        return fp8.quantize_qkv_reference(q, k, v, granularity, smooth_k)
+
+    monkeypatch.setattr(fp8_cudnn, "_quantize", quantize)
+    monkeypatch.setattr(fp8_cudnn, "_builder", lambda key, variant: _fake_plan("good"))
+    call = _call(B=1, H=3, NQ=30, NK=50, D=64)
+    call.k[:, 2].mul_(2.0 ** -11)  # a k head 2**11 quieter than the others: past the 2**10 one scale can span
+    with pytest.raises(RuntimeError, match=r"one q and one k descale for all heads, and k's heads differ in scale by "
+                                           r"2\*\*11 \(more than 2\*\*10\)"):
+        fp8_cudnn.run(call)
+    assert quantised == [("tensor", "tensor", "head")]  # v per head: its descale is applied after the kernel
+    call.k[:, 2].mul_(2.0)  # 2**10: still served
+    assert fp8_cudnn.run(call).shape == (1, 3, 30, 64)
 
 
 def test_run_dequantises_the_fp8_output_per_head(fake_cudnn, monkeypatch):

@@ -16,6 +16,12 @@ Facts from FlashAttention's hopper/flash_api.cpp (``mha_fwd``) and the fa3-fwd 0
   multiplied by ``q_descale * k_descale * softmax_scale`` and the output by ``v_descale``;
 * the output is bfloat16 for FP8 inputs.
 
+Host cost: ``flash_attn_func`` goes through an autograd Function and a ``torch.library.custom_op`` (Python
+dispatch, two empty tensors per call) before it reaches the compiled ``fwd`` op. Where the module exposes
+that op (``fa3_fwd_cuda.fwd`` / ``flash_attn_3_cuda.fwd``) and its schema names the arguments used here,
+``run`` calls it directly with the same arguments the wrapper passes (``num_splits=1``, the rest at their
+defaults); the probe checks that path against float64 and falls back to ``flash_attn_func`` when it fails.
+
 Grouped-query heads would need q scales shared by each group of query heads; Genesis's quantiser does
 not make those, so such calls are refused. No mask, no backward. Quantised: accuracy is checked by the
 autotuner against float64 under the ``fast`` quality level.
@@ -42,13 +48,47 @@ SMOOTH_K = True
 PROBE_REL = 0.15
 
 _impl: Optional[Tuple[ModuleType, str]] = None
-_fn: Optional[Callable] = None
+_fn: Optional[Callable] = None  # the module's flash_attn_func
+_attend: Optional[Callable[[fp8.FP8QKV, float], torch.Tensor]] = None  # what run() calls (set by the probe)
+_path = ""  # "direct fwd op" or "flash_attn_func", for the description
 _quantize = fp8.quantize_qkv  # the tests substitute the PyTorch reference on CPU
+DIRECT_ARGS = ("q", "k", "v", "q_descale", "k_descale", "v_descale", "softmax_scale", "num_splits")
+
+
+def _wrapper_attend(qkv: fp8.FP8QKV, scale: float) -> torch.Tensor:
+    d = qkv.descale
+    return pkg.first(_fn(qkv.q, qkv.k, qkv.v, softmax_scale=scale, q_descale=d[0], k_descale=d[1], v_descale=d[2]))
+
+
+def direct_op(mod: ModuleType) -> Optional[Callable]:
+    """The compiled forward op behind ``mod.flash_attn_func`` when its schema names :data:`DIRECT_ARGS`."""
+    ops = getattr(mod, "fa3_fwd_cuda", None) or getattr(mod, "flash_attn_3_cuda", None)
+    packet = getattr(ops, "fwd", None) if ops is not None else None
+    if packet is None:
+        return None
+    op = getattr(packet, "default", packet)
+    schema = getattr(op, "_schema", None)
+    names = {a.name for a in getattr(schema, "arguments", ())}
+    return op if set(DIRECT_ARGS) <= names else None
+
+
+def _direct_attend(op: Callable) -> Callable[[fp8.FP8QKV, float], torch.Tensor]:
+    def attend(qkv: fp8.FP8QKV, scale: float) -> torch.Tensor:
+        d = qkv.descale
+        return op(qkv.q, qkv.k, qkv.v, q_descale=d[0], k_descale=d[1], v_descale=d[2], softmax_scale=scale,
+                  num_splits=1)[0]
+
+    return attend
+
+
+def attend(qkv: fp8.FP8QKV, scale: float) -> torch.Tensor:
+    """FA3's FP8 attention on quantised inputs (the path the probe chose): bfloat16 [B, N, H, D]."""
+    return _attend(qkv, scale)
 
 
 def _probe() -> Optional[str]:
-    global _impl, _fn
-    _impl, _fn = None, None
+    global _impl, _fn, _attend, _path
+    _impl, _fn, _attend, _path = None, None, None, ""
     if not pkg.fa3_installed():
         return f"not installed ({pkg.FA3_PIP})"
     device = pkg.probe_device()
@@ -67,21 +107,23 @@ def _probe() -> Optional[str]:
     if pkg.fa3_build_flags(mod).get("FLASHATTENTION_DISABLE_FP8"):
         return f"{label}: this build was compiled with FLASHATTENTION_DISABLE_FP8 (no FP8 kernels)"
     _impl, _fn = (mod, label), fn
-    try:
-        why = pkg.probe_call(run, device, torch.bfloat16, PROBE_REL, head_dim=128, refusal=backend.refusal)
-    except Exception as exc:
-        why = f"probe call failed: {first_line(exc)}"
-    if why is not None:
-        _impl, _fn = None, None
-        return f"{label} FP8: {why}"
-    return None
+    op = direct_op(mod)
+    paths = ([("direct fwd op", _direct_attend(op))] if op is not None else []) + [("flash_attn_func", _wrapper_attend)]
+    failures = []
+    for _path, _attend in paths:
+        try:
+            why = pkg.probe_call(run, device, torch.bfloat16, PROBE_REL, head_dim=128, refusal=backend.refusal)
+        except Exception as exc:
+            why = f"probe call failed: {first_line(exc)}"
+        if why is None:
+            return None
+        failures.append(f"{_path}: {why}" if len(paths) > 1 else why)
+    _impl, _fn, _attend, _path = None, None, None, ""
+    return f"{label} FP8: {'; '.join(failures)}"
 
 
 def run(call: AttentionCall) -> torch.Tensor:
-    qkv = _quantize(call.q, call.k, call.v, GRANULARITY, SMOOTH_K)
-    d = qkv.descale
-    out = pkg.first(_fn(qkv.q, qkv.k, qkv.v, softmax_scale=call.scale, q_descale=d[0], k_descale=d[1],
-                        v_descale=d[2]))
+    out = _attend(_quantize(call.q, call.k, call.v, GRANULARITY, SMOOTH_K), call.scale)
     if out.dtype != call.dtype:
         out = out.to(call.dtype)
     return out.transpose(1, 2)
@@ -91,7 +133,7 @@ def _description() -> str:
     backend.available()
     if _impl is None:
         return "FlashAttention-3 FP8 forward (flash_attn_interface, else fa3_fwd_interface): none runs here"
-    return (f"{_impl[1]} FP8 forward (e4m3 q/k/v, per-head descales) after Genesis's fused Triton "
+    return (f"{_impl[1]} FP8 forward (e4m3 q/k/v, per-head descales; {_path}) after Genesis's fused Triton "
             "quantisation (k smoothed)")
 
 

@@ -17,7 +17,20 @@ Facts from nvidia-cudnn-frontend 1.32.0 (its compiled support checks, ``sdpa_sup
   for any value of v, and ``O = O8 * 2 * descale_v[b, h]`` is applied per head in the dequantisation pass;
 * ``Amax_S`` is deprecated ("leave it virtual"); ``Amax_O`` is declared as an output (a scratch float per
   device, written and never read). q/k descales are tried per head ([B, H, 1, 1]) first and per tensor
-  ([1, 1, 1, 1], what NVIDIA's samples use) next; the first variant that builds is remembered.
+  ([1, 1, 1, 1], what NVIDIA's samples use) next; the first variant that builds is remembered. On an H200
+  with cuDNN 9.19 the per-head variant does not build ("no plan in the list could be built").
+
+Scales: v is always quantised per head (its descale is applied per head after the kernel, in the
+dequantisation pass); q and k per head where the graph takes per-head descales, else one scale per
+tensor. One shared scale costs a quiet head its precision: the loudest head's maximum lands in
+[224, 448] = [2**7.8, 2**8.8], a head 2**j quieter in [2**(7.8-j), 2**(8.8-j)]; e4m3 keeps its 2**-4
+relative precision only down to its smallest normal value, 2**-6 (subnormals go on to 2**-9, losing a
+bit per binade, and past about 2**17.8 the whole head rounds to 0). Requiring the bulk of a head, its
+values down to 1/16 of its maximum, to stay normal gives 7.8 - j - 4 >= -6, so j <= 9.8: with per-tensor
+q/k descales ``run`` reads the quantiser's per-tensor spread of head scales (binades between the loudest
+and the quietest non-zero head; one device sync per call) and refuses (raises, so dispatch falls back)
+when q's or k's exceeds :data:`MAX_SHARED_SPREAD` = 10. Measured on an H200 (quiet-head inputs, heads up
+to 10**6 apart): per-tensor scales put the worst head at 95-100% relative L2 error, per-head at about 3%.
 
 A graph is built once per signature (device, shapes, strides, dtypes, softmax scale) and kept in a
 bounded LRU cache (:data:`MAX_GRAPHS`); a signature no variant builds for is remembered with the reason
@@ -45,6 +58,7 @@ LIMITS = Limits(dtypes=HALF, devices=("cuda",), head_dim_multiple=16, max_head_d
                 mask=False, gqa=False, min_capability=(9, 0), autograd=False)
 PIP = "pip install nvidia-cudnn-frontend; needs cuDNN >= 9.1 and compute capability >= 9.0"
 SMOOTH_K = True
+MAX_SHARED_SPREAD = 10  # binades between head scales one shared q or k scale may span (derived above)
 S_SCALE = 448.0
 O_FACTOR = 2.0  # O8 holds half the output (in v's quantised units)
 MAX_GRAPHS = 32
@@ -98,7 +112,9 @@ class _Plan:
         u = self.uids
         d = qkv.descale.data_ptr()
         bh = qkv.descale.shape[1] * qkv.descale.shape[2]
-        pack = {u["q"]: qkv.q, u["k"]: qkv.k, u["v"]: qkv.v, u["o"]: o8, u["descale_q"]: d,
+        # device pointers throughout (the frontend takes ints as well as tensors; ints cost it nothing to read)
+        pack = {u["q"]: qkv.q.data_ptr(), u["k"]: qkv.k.data_ptr(), u["v"]: qkv.v.data_ptr(), u["o"]: o8.data_ptr(),
+                u["descale_q"]: d,
                 u["descale_k"]: d + 4 * bh, u["descale_v"]: st.one, u["scale_o"]: st.one, u["scale_s"]: st.scale_s,
                 u["descale_s"]: st.descale_s, u["amax_o"]: st.amax_o}
         if self.amax_s:
@@ -200,9 +216,31 @@ def clear_graphs() -> None:
         _graphs.clear()
 
 
+def granularity_for(plan: "_Plan") -> Tuple[str, str, str]:
+    """What the quantiser is asked for with ``plan``: q and k as its descales are shaped, v always per head."""
+    return (plan.granularity, plan.granularity, "head")
+
+
+def shared_scale_refusal(qkv: fp8.FP8QKV) -> Optional[str]:
+    """Why one q and one k scale for all heads would lose a head (see the module docstring), or None.
+    Reads the quantiser's spreads back from the device: one synchronisation."""
+    sq, sk = qkv.spread[:2].tolist()
+    worst = max(sq, sk)
+    if not worst > MAX_SHARED_SPREAD:
+        return None
+    name = "q" if sq >= sk else "k"
+    return (f"cuDNN's FP8 attention here takes one q and one k descale for all heads, and {name}'s heads differ in "
+            f"scale by 2**{int(worst)} (more than 2**{MAX_SHARED_SPREAD}): one shared scale would put the quietest "
+            f"head's values below e4m3's normal range (448 down to 2**-6, subnormals to 2**-9) and lose its precision")
+
+
 def run(call: AttentionCall) -> torch.Tensor:
     plan = plan_for(call)
-    qkv = _quantize(call.q, call.k, call.v, plan.granularity, SMOOTH_K)
+    qkv = _quantize(call.q, call.k, call.v, granularity_for(plan), SMOOTH_K)
+    if plan.granularity == "tensor":
+        why = shared_scale_refusal(qkv)
+        if why is not None:
+            raise RuntimeError(why)
     B, H, NQ, D = call.q.shape
     o8 = torch.empty((B, NQ, H, D), dtype=fp8.E4M3, device=call.device)
     plan.execute(qkv, o8)
