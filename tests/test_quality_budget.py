@@ -266,3 +266,20 @@ def test_the_spec_modules_carry_a_quality_budget(lossy):
         s.set_quality("ultra")
     with pytest.raises(ValueError, match="quality must be one of"):
         CrossAttentionModule(32, 16, 4, quality=3)
+
+
+def test_reference_kernels_are_not_run_where_they_cannot_win(lossy, monkeypatch):
+    """On a call whose fastest kernel is slow, the (much slower) reference kernels are skipped for good."""
+    ran = []
+    pytorch = registry.get("pytorch")
+    monkeypatch.setattr(pytorch, "run", lambda call: (ran.append(1), F.scaled_dot_product_attention(
+        call.q, call.k, call.v, scale=call.scale))[1])
+    monkeypatch.setattr(measuring, "REFERENCE_SKIP_MS", 0.0)  # every call counts as slow here
+    q, k, v = qkv()
+    call = AttentionCall(q, k, v, None, q.shape[-1] ** -0.5)
+    entry = measuring.measure(call, ["sdpa", "pytorch"])
+    assert ran == [] and "skipped: a reference kernel" in entry["rejected"]["pytorch"]
+    assert autotune.known(entry, ["sdpa", "pytorch"]), "a lasting reason: not measured again on the next shape"
+    monkeypatch.setattr(measuring, "REFERENCE_SKIP_MS", float("inf"))
+    entry = measuring.measure(call, ["sdpa", "pytorch"])
+    assert ran and "pytorch" in entry["ms"]
