@@ -346,6 +346,52 @@ def test_triton_dequantize_output_is_float32_then_one_rounding():
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (factor, dtype)
 
 
+def test_direct_launch_keeps_the_compiled_kernel_per_key_and_falls_back(monkeypatch):
+    """Launcher with a fake kernel: the first launch per key goes through kernel[grid](..., constexprs by name),
+    later ones through the kept compiled[grid](*args, *constexprs); other integers make another key; a direct
+    launch that raises turns the direct path off and the launch still happens through kernel[grid]."""
+    from genesis_core.attn.quant import _triton_launch as L
+
+    log = []
+
+    class Compiled:
+        def __init__(self, fail=False):
+            self.fail = fail
+
+        def __getitem__(self, grid):
+            def run(*args):
+                if self.fail:
+                    raise TypeError("launcher refused")
+                log.append(("direct", grid, args))
+            return run
+
+    class Kernel:
+        arg_names = ["x", "n", "BLOCK"]
+        fail = False
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                log.append(("triton", grid, args, kw))
+                return Compiled(self.fail)
+            return run
+
+    monkeypatch.setattr(L, "_fast", True)
+    monkeypatch.setattr(L, "_launchers", [])
+    kern = Kernel()
+    launch = L.Launcher(kern, ("BLOCK",), num_warps=4)
+    launch((2, 1, 1), ("ptr", 7), (64,), ("dev",))
+    launch((2, 1, 1), ("ptr", 7), (64,), ("dev",))
+    launch((2, 1, 1), ("ptr", 8), (64,), ("dev",))  # n = 8: another key
+    assert [e[0] for e in log] == ["triton", "direct", "triton"]
+    assert log[0][3] == {"BLOCK": 64, "num_warps": 4} and log[1][2] == ("ptr", 7, 64)
+    kern.fail = True
+    launch((1, 1, 1), ("ptr", 9), (32,), ("dev",))  # kept, and its direct launch will refuse
+    launch((1, 1, 1), ("ptr", 9), (32,), ("dev",))
+    assert [e[0] for e in log[-2:]] == ["triton", "triton"] and not L.fast_launch() and not launch.compiled
+    with pytest.raises(AssertionError):
+        L.Launcher(kern, ("n",))  # constexprs must come last in the signature
+
+
 def test_triton_missing_says_how_to_install(monkeypatch):
     monkeypatch.setattr(fp8, "_kernels_mod", None)
     monkeypatch.setattr(fp8, "_missing", None)

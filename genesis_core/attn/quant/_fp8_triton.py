@@ -20,22 +20,18 @@ set back to 0 by the program that completes it (see :func:`.fp8.counters`).
 ``_dequant`` turns an e4m3 [B, N, H, D] attention output back into half precision times a per-head factor
 (3 bytes per element, one launch).
 
-Launching: the first launch of a kernel for a given set of arguments goes through Triton's ``kernel[grid]``
-(binding, specialisation, compilation); it returns the compiled kernel, which is kept per key (device, dtype,
-pointer alignment, every integer argument, the constexprs: all Triton specialises on) and launched directly
-the next times (``compiled[grid](*args)``), skipping the per-launch binding work. ``GENESIS_FP8_FAST_LAUNCH=0``
-turns that off; a compiled kernel that refuses a direct launch turns it off for the process (logged once).
+Launching: :class:`._triton_launch.Launcher` (Triton's ``kernel[grid]`` the first time per key, the compiled
+kernel directly after that).
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..._log import log_once
+from ._triton_launch import Launcher, fast_launch  # noqa: F401  (fast_launch: re-exported for the study)
 
 TILE = 4096  # elements per [BLOCK_N, BLOCK_D] tile
 MAX_CHUNKS = 64  # token chunks per head (bounds the workspace and the reduction of a head)
@@ -321,54 +317,9 @@ def _dequant(o8, out, desc, N, H, D, factor, BLOCK_N: tl.constexpr, BLOCK_D: tl.
 
 # ---------------------------------------------------------------- launching
 
-_fast = os.environ.get("GENESIS_FP8_FAST_LAUNCH", "1") != "0"
-
-
-def fast_launch(enabled: bool = None) -> bool:
-    """Whether compiled kernels are launched directly after the first launch (set ``enabled`` to change)."""
-    global _fast
-    if enabled is not None:
-        _fast = bool(enabled)
-        for launcher in (_STATS, _CAST, _DEQUANT):
-            launcher.compiled.clear()
-    return _fast
-
-
-class _Launcher:
-    """One kernel: ``launch(grid, args, constexprs)`` with ``args`` every runtime parameter in order and
-    ``constexprs`` the constexpr values in the order of the kernel's signature (they come last in it)."""
-
-    def __init__(self, fn, names: Tuple[str, ...]):
-        self.fn, self.names, self.compiled = fn, names, {}
-        arg_names = getattr(fn, "arg_names", None)
-        if arg_names is not None:  # the direct launch passes the constexprs positionally, after the rest
-            assert tuple(arg_names[len(arg_names) - len(names):]) == names, (arg_names, names)
-
-    def __call__(self, grid, args: tuple, constexprs: tuple, key_extra: tuple) -> None:
-        key = None
-        if _fast:
-            key = key_extra + constexprs + tuple(a for a in args if isinstance(a, int))
-            kern = self.compiled.get(key)
-            if kern is not None:
-                try:
-                    kern[grid](*args, *constexprs)
-                    return
-                except Exception as exc:  # noqa: BLE001  (any refusal: fall back to Triton's own launch)
-                    fast_launch(False)
-                    log_once(("fp8-fast-launch", type(exc).__name__),
-                             f"direct launch of a compiled FP8 quantisation kernel failed ({type(exc).__name__}: "
-                             f"{exc}); using Triton's launch path from now on")
-                    key = None
-        kern = self.fn[grid](*args, **dict(zip(self.names, constexprs)), num_warps=NUM_WARPS)
-        if key is not None and kern is not None and hasattr(kern, "__getitem__") and _fast:
-            if len(self.compiled) > 256:
-                self.compiled.clear()
-            self.compiled[key] = kern
-
-
-_STATS = _Launcher(_stats, ("SMOOTH_K", "TENSOR_MASK", "BLOCK_N", "BLOCK_D", "HB"))
-_CAST = _Launcher(_cast, ("SMOOTH_K", "EXACT", "BLOCK_N", "BLOCK_D"))
-_DEQUANT = _Launcher(_dequant, ("BLOCK_N", "BLOCK_D"))
+_STATS = Launcher(_stats, ("SMOOTH_K", "TENSOR_MASK", "BLOCK_N", "BLOCK_D", "HB"), NUM_WARPS)
+_CAST = Launcher(_cast, ("SMOOTH_K", "EXACT", "BLOCK_N", "BLOCK_D"), NUM_WARPS)
+_DEQUANT = Launcher(_dequant, ("BLOCK_N", "BLOCK_D"), NUM_WARPS)
 
 
 def _aligned(*ts) -> int:
