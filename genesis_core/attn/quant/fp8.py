@@ -14,9 +14,10 @@ Groups that carry no scale information get ``s = 0`` (scale and descale 1): a gr
 with descale 1, and a group whose maximum is not finite gets scale 1 and a NaN descale, so the attention
 output is NaN and the accuracy checks see it. Why the clamp at 60: the kernels multiply the q and k
 descales together with the softmax scale (and log2 e); with descales in [2**-60, 2**60] that product stays
-a normal float32 (>= 2**-126) for softmax scales down to 2**-6, where the old clamp at 126 let it flush
-to 0 for quiet heads, and 0 times the -inf of a masked key column is NaN (FA3 and cuDNN returned NaN for
-a single key). A group quieter than 448 * 2**-60 (about 4e-16) simply lands below 448 in e4m3.
+a normal float32 (>= 2**-126) for softmax scales down to 2**-6. With the old clamp at 126 an all-zero k
+(one key, smoothed) had descale 2**-126 and that product flushed to 0; FA3 and cuDNN returned NaN for such
+calls, most likely from 0 times the -inf of a masked (padding) key column. A group quieter than
+448 * 2**-60 (about 4e-16) simply lands below 448 in e4m3.
 
 Because e4m3 is a floating-point format, its relative precision does not depend on the scale: the group
 size (per tensor, per head, per block) only decides which small values fall below e4m3's normal range.
