@@ -278,6 +278,10 @@ def test_reference_kernels_are_not_run_where_they_cannot_win(lossy, monkeypatch)
     q, k, v = qkv()
     call = AttentionCall(q, k, v, None, q.shape[-1] ** -0.5)
     entry = measuring.measure(call, ["sdpa", "pytorch"])
+    assert ran and "pytorch" in entry["ms"], "on CPU the reference kernels are always measured"
+    ran.clear()
+    monkeypatch.setattr(measuring, "_device_type", lambda device: "cuda")  # as if on an accelerator
+    entry = measuring.measure(call, ["sdpa", "pytorch"])
     assert ran == [] and "skipped: a reference kernel" in entry["rejected"]["pytorch"]
     assert autotune.known(entry, ["sdpa", "pytorch"]), "a lasting reason: not measured again on the next shape"
     monkeypatch.setattr(measuring, "REFERENCE_SKIP_MS", float("inf"))

@@ -38,9 +38,9 @@ from .switches import budget_ms
 PREFERRED_ORDER = ("sdpa", "sdpa_cudnn", "sdpa_flash", "flash", "fa3", "fa4", "fa2", "sage", "sage2_fp8",
                    "sage2_fp16", "sage2_triton", "xformers", "sdpa_efficient")
 REFERENCE_KERNELS = ("pytorch", "sdpa_math")
-# A reference kernel is not run where the fastest warm-up (its accuracy check included) took this long: on the
-# H200 (2026-12-01) the chunked pytorch path took 18x SDPA's time on Wan 480p (700 vs 38 ms), so it cannot win
-# and would cost seconds of a user's first call.
+# On an accelerator, a reference kernel is not run where the fastest warm-up (its accuracy check included) took
+# this long: on the H200 (2026-12-01) the chunked pytorch path took 18x SDPA's time on Wan 480p (700 vs 38 ms), so
+# it cannot win and would cost seconds of a user's first call. (On CPU, where measuring is opt-in, it can win.)
 REFERENCE_SKIP_MS = 5.0
 SLOW_FACTOR = 4.0
 MIN_REPS, MAX_REPS = 3, 15
@@ -116,6 +116,10 @@ def _memory_guard(name: str, call: AttentionCall) -> Optional[str]:
     return f"not measured: {reason}" if reason else None
 
 
+def _device_type(device: torch.device) -> str:
+    return device.type
+
+
 def candidate_order(names: Sequence[str]) -> List[str]:
     """Likely-fast kernels first, other registered ones next, the reference kernels last."""
     first = [n for n in PREFERRED_ORDER if n in names]
@@ -153,7 +157,7 @@ def measure(call: AttentionCall, names: Sequence[str], budget: Optional[float] =
             try:
                 if survivors and elapsed() > budget:
                     rejected[name] = f"not measured: tuning budget of {budget:.0f} ms spent"
-                elif name in REFERENCE_KERNELS and fastest_warmup >= REFERENCE_SKIP_MS:
+                elif name in REFERENCE_KERNELS and _device_type(device) != "cpu" and fastest_warmup >= REFERENCE_SKIP_MS:
                     rejected[name] = (f"skipped: a reference kernel on a call whose fastest kernel took "
                                       f"{fastest_warmup:.1f} ms (the reference kernels ran 10-25x slower than "
                                       f"SDPA on every such call measured; it cannot win here)")
