@@ -76,10 +76,17 @@ for stage in "$@"; do
       run fp8 240 python3 scripts/gpu/fp8_gpu.py --out "$OUT" ;;
     bench)
       run bench 420 env OUT="$OUT/bench" bash scripts/gpu/bench_gpu.sh ;;
+    benchq)  # the bench alone (no torch.compile stage, no ComfyUI Flux e2e), within BENCH_BUDGET_S
+      run benchq 300 env -u COMFYUI_PATH python3 -m genesis_core bench --device cuda --dtype bf16 \
+        --section attention,overhead,e2e --time-budget-s "${BENCH_BUDGET_S:-180}" --json "$OUT/bench.json" \
+        --plot "$OUT/bench.png" --no-progress ;;
+    gpusub)  # the GPU tests that failed in the first H200 run, and the FP8 ones
+      run gpusub 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_fp8.py tests/test_masked_rows.py \
+        tests/test_gpu_flash_sage.py ;;
     e2e)
       run e2e 330 python3 scripts/gpu/comfy_e2e_gpu.py --out "$OUT" --budget-s "${E2E_BUDGET_S:-270}" ;;
     scaleout)
-      run scaleout 240 python3 scripts/gpu/scaleout.py --gpus 1 --json "$OUT/scaleout.json" ;;
+      run scaleout 240 python3 scripts/gpu/scaleout.py --gpus 1 --json "$OUT/scaleout.json" ${SCALEOUT_ARGS:-} ;;
     *)
       echo "unknown stage $stage"; fail=1 ;;
   esac

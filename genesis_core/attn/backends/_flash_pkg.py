@@ -236,6 +236,23 @@ def probe_call(run: Callable[[AttentionCall], torch.Tensor], device, dtype: torc
     return why
 
 
+FA3_DIRECT_ARGS = ("q", "k", "v", "q_descale", "k_descale", "v_descale", "softmax_scale", "num_splits")
+
+
+def fa3_fwd_op(mod) -> Optional[Callable]:
+    """The compiled forward op behind an FA3 module's ``flash_attn_func`` (``fa3_fwd_cuda.fwd`` or
+    ``flash_attn_3_cuda.fwd``) when its schema names :data:`FA3_DIRECT_ARGS`, else None. Calling it skips the
+    wrapper's autograd Function and custom-op dispatch (hundreds of microseconds of host time per call)."""
+    ops = getattr(mod, "fa3_fwd_cuda", None) or getattr(mod, "flash_attn_3_cuda", None)
+    packet = getattr(ops, "fwd", None) if ops is not None else None
+    if packet is None:
+        return None
+    op = getattr(packet, "default", packet)
+    schema = getattr(op, "_schema", None)
+    names = {a.name for a in getattr(schema, "arguments", ())}
+    return op if set(FA3_DIRECT_ARGS) <= names else None
+
+
 def run_bnhd(fn: Callable[..., object], call: AttentionCall) -> torch.Tensor:
     """``fn(q, k, v, softmax_scale=...)`` on the call's [B, N, H, D] views; its output as a BHND view."""
     out = first(fn(bnhd(call.q), bnhd(call.k), bnhd(call.v), softmax_scale=call.scale))
@@ -251,7 +268,7 @@ def direct_bnhd(fn: Callable[..., object]) -> Callable[..., torch.Tensor]:
 
 
 __all__ = [
-    "FA3_MODULES", "add_cutlass_dsl_path", "bnhd", "direct_bnhd", "dist_version", "fa3_build_flags", "fa3_installed",
+    "FA3_DIRECT_ARGS", "FA3_MODULES", "add_cutlass_dsl_path", "fa3_fwd_op", "bnhd", "direct_bnhd", "dist_version", "fa3_build_flags", "fa3_installed",
     "fa3_module", "fa3_version", "first", "installed", "natural_bnhd", "poisoned_memory", "probe_call", "probe_device",
     "probe_inputs", "reference", "run_bnhd", "verdict",
 ]

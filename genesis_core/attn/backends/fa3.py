@@ -10,6 +10,11 @@ load them. What a build left out is read from its config module (``flash_attn_co
 and refused per call: fa3-fwd 0.0.3 is built with ``FLASHATTENTION_DISABLE_FP16`` and
 ``FLASHATTENTION_DISABLE_BACKWARD`` (bfloat16 only, no backward). The kernel takes [B, N, H, D] tensors
 whose last dim is contiguous: the call's BHND views are handed over transposed, never copied.
+
+Host cost: ``flash_attn_func`` goes through an autograd Function and a ``torch.library`` custom op before the
+compiled ``fwd`` op; where the module exposes that op with the arguments used here, ``run`` calls it directly
+(the FP8 backend does the same, see fa3_fp8.py) and the probe checks that path against float64, falling back to
+``flash_attn_func`` when it fails.
 """
 from __future__ import annotations
 
@@ -50,16 +55,30 @@ def _probe() -> Optional[str]:
     fn = getattr(mod, "flash_attn_func", None)
     if fn is None:
         return f"{mod.__name__} has no flash_attn_func ({pkg.FA3_PIP})"
-    _impl, _fn, _flags = (mod, label), fn, pkg.fa3_build_flags(mod)
+    _impl, _flags = (mod, label), pkg.fa3_build_flags(mod)
     dtype = torch.float16 if not _flags.get("FLASHATTENTION_DISABLE_FP16") else torch.bfloat16
-    try:
-        why = pkg.probe_call(run, device, dtype, TOLERANCE[dtype], refusal=backend.refusal)
-    except Exception as exc:
-        why = f"probe call failed: {first_line(exc)}"
+    op = pkg.fa3_fwd_op(mod)
+    for _fn in ([_direct_fn(op)] if op is not None else []) + [fn]:
+        try:
+            why = pkg.probe_call(run, device, dtype, TOLERANCE[dtype], refusal=backend.refusal)
+        except Exception as exc:
+            why = f"probe call failed: {first_line(exc)}"
+        if why is None:
+            break
     if why is not None:
         _impl, _fn = None, None
         return f"{label}: {why}"
     return None
+
+
+def _direct_fn(op: Callable) -> Callable[..., torch.Tensor]:
+    """``flash_attn_func``'s signature on the compiled forward op (no autograd, no custom-op dispatch)."""
+    def fwd(q, k, v, softmax_scale=None):
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        return op(q, k, v, softmax_scale=scale, num_splits=1)[0]
+
+    fwd.direct_op = True  # type: ignore[attr-defined]
+    return fwd
 
 
 def _build_refusal(call: AttentionCall) -> Optional[str]:
@@ -91,7 +110,8 @@ def _description() -> str:
     backend.available()
     if _impl is None:
         return "FlashAttention-3 (flash_attn_interface, else fa3_fwd_interface): none runs here"
-    return f"{_impl[1]}, [B, N, H, D] views in and out"
+    path = "its compiled fwd op called directly" if getattr(_fn, "direct_op", False) else "flash_attn_func"
+    return f"{_impl[1]}, [B, N, H, D] views in and out, through {path}"
 
 
 def _version() -> Optional[str]:

@@ -52,7 +52,6 @@ _fn: Optional[Callable] = None  # the module's flash_attn_func
 _attend: Optional[Callable[[fp8.FP8QKV, float], torch.Tensor]] = None  # what run() calls (set by the probe)
 _path = ""  # "direct fwd op" or "flash_attn_func", for the description
 _quantize = fp8.quantize_qkv  # the tests substitute the PyTorch reference on CPU
-DIRECT_ARGS = ("q", "k", "v", "q_descale", "k_descale", "v_descale", "softmax_scale", "num_splits")
 
 
 def _wrapper_attend(qkv: fp8.FP8QKV, scale: float) -> torch.Tensor:
@@ -60,16 +59,7 @@ def _wrapper_attend(qkv: fp8.FP8QKV, scale: float) -> torch.Tensor:
     return pkg.first(_fn(qkv.q, qkv.k, qkv.v, softmax_scale=scale, q_descale=d[0], k_descale=d[1], v_descale=d[2]))
 
 
-def direct_op(mod: ModuleType) -> Optional[Callable]:
-    """The compiled forward op behind ``mod.flash_attn_func`` when its schema names :data:`DIRECT_ARGS`."""
-    ops = getattr(mod, "fa3_fwd_cuda", None) or getattr(mod, "flash_attn_3_cuda", None)
-    packet = getattr(ops, "fwd", None) if ops is not None else None
-    if packet is None:
-        return None
-    op = getattr(packet, "default", packet)
-    schema = getattr(op, "_schema", None)
-    names = {a.name for a in getattr(schema, "arguments", ())}
-    return op if set(DIRECT_ARGS) <= names else None
+direct_op = pkg.fa3_fwd_op  # the compiled forward op behind flash_attn_func (shared with the fa3 backend)
 
 
 def _direct_attend(op: Callable) -> Callable[[fp8.FP8QKV, float], torch.Tensor]:
