@@ -81,8 +81,8 @@ for stage in "$@"; do
         --section attention,overhead,e2e --time-budget-s "${BENCH_BUDGET_S:-180}" --json "$OUT/bench.json" \
         --plot "$OUT/bench.png" --no-progress ;;
     gpusub)  # the GPU tests that failed in the first H200 run, and the FP8 ones
-      run gpusub 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_fp8.py tests/test_masked_rows.py \
-        tests/test_gpu_flash_sage.py ;;
+      run gpusub 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
+        ${GPUSUB_TESTS:-tests/test_gpu_fp8.py tests/test_masked_rows.py tests/test_gpu_flash_sage.py} ;;
     e2e)
       run e2e 330 python3 scripts/gpu/comfy_e2e_gpu.py --out "$OUT" --budget-s "${E2E_BUDGET_S:-270}" ;;
     scaleout)
