@@ -8,11 +8,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from genesis_core.attn import attention, explain, last_backend
-from genesis_core.attn import registry
+from genesis_core.attn import quality, registry
 
 # Relative error (max-abs error over max-abs reference) allowed per dtype.
 TOL = {torch.float32: 2e-4, torch.float64: 1e-9, torch.bfloat16: 4e-2, torch.float16: 6e-3}
-QUANTISED_TOL = 6e-2  # sage: INT8 QK
+def quantised_tol(name, dtype):
+    """A lossy backend's bound: the relative L2 error of the loosest quality level its precision class admits."""
+    return quality.thresholds(quality.loosest_for(registry.get(name).precision), dtype)[0]
 
 
 def rel_err(out, ref):
@@ -108,7 +110,7 @@ GPU_DTYPES = (torch.float16, torch.bfloat16)
 @given(data=st.data())
 def test_backend_matches_float64_reference_cuda(name, data):
     q, k, v, mask, layout = data.draw(calls(device="cuda", dtypes=GPU_DTYPES))
-    tol = QUANTISED_TOL if registry.get(name).precision != "exact" else TOL[q.dtype]
+    tol = quantised_tol(name, q.dtype) if registry.get(name).precision != "exact" else TOL[q.dtype]
     check_backend(name, q, k, v, mask, layout, tol)
 
 
@@ -128,7 +130,7 @@ def test_cuda_backend_runs_its_own_kernel(name, dtype):
     out = attention(q, k, v, backend=name)
     assert last_backend() == name
     assert torch.equal(k, k_before), f"{name} modified its key input in place"
-    tol = QUANTISED_TOL if name == "sage" else TOL[dtype]
+    tol = quantised_tol(name, dtype) if registry.get(name).precision != "exact" else TOL[dtype]
     assert rel_err(out, reference_attention(q, k, v)) < tol
 
 
