@@ -287,3 +287,25 @@ def test_reference_kernels_are_not_run_where_they_cannot_win(lossy, monkeypatch)
     monkeypatch.setattr(measuring, "REFERENCE_SKIP_MS", float("inf"))
     entry = measuring.measure(call, ["sdpa", "pytorch"])
     assert ran and "pytorch" in entry["ms"]
+
+
+def test_unmeasured_auto_on_cuda_runs_what_comfyui_runs(monkeypatch):
+    """Without a measurement, AUTO on CUDA tries sdpa_cudnn first (ComfyUI calls SDPA with cuDNN first), then sdpa;
+    on other devices sdpa first. Checked with meta tensors relabelled as CUDA (no kernel runs)."""
+    from genesis_core.attn import install_autotuner, uninstall_autotuner
+
+    uninstall_autotuner()  # nothing measured: the unmeasured order alone
+    try:
+        q, k, v = qkv()
+        call = AttentionCall(q, k, v, None, 0.25)
+        assert dispatch.chain_for("auto", call)[0] == "sdpa"
+
+        class FakeCuda:
+            type = "cuda"
+
+        monkeypatch.setattr(AttentionCall, "device", property(lambda self: FakeCuda()))
+        chain = dispatch.chain_for("auto", call)
+        assert chain[:2] == ["sdpa_cudnn", "sdpa"] and chain[-1] == "pytorch"
+        assert dispatch.chain_for("sdpa", call)[0] == "sdpa"  # an explicit choice is unchanged
+    finally:
+        install_autotuner()

@@ -25,7 +25,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
-from .._log import first_line, log_once
+from .._log import first_line, log_once, logger
 from . import quality as _quality
 from . import registry
 from ._trace import is_compiling
@@ -193,8 +193,9 @@ def chain_for(name: str, call: AttentionCall, measure: bool = True, level: str =
 
     ``measure=False`` only looks up a choice already measured (no kernel runs).
     """
-    head: Sequence[str] = DEFAULT_AUTO_ORDER if name == "auto" else (name,)
+    head: Sequence[str] = (name,)
     if name == "auto":
+        head = registry.UNMEASURED_ORDER.get(call.device.type, DEFAULT_AUTO_ORDER)
         chooser = _auto_chooser if measure else _auto_peek
         if chooser is not None:
             choice = chooser(call, servable(call, level), level)
@@ -246,7 +247,11 @@ def _plan(name: str, q, k, v, mask, layout: str, scale, quality: Optional[str]) 
     for n, r in reasons:  # log what was passed over before the backend that will serve
         if r is None:
             break
-        log_once(("skip", n, r), f"attention backend '{n}' skipped: {r}; using '{good[0].name}'")
+        msg = f"attention backend '{n}' skipped: {r}; using '{good[0].name}'"
+        if name == "auto" and n in registry.UNMEASURED_ORDER.get(call.device.type, ()):
+            logger.debug(msg)  # AUTO's unmeasured order trying its first candidate is not news
+        else:
+            log_once(("skip", n, r), msg)
     head = good[0]
     direct = None
     if mask is None and scale is None and head.direct is not None:
