@@ -11,8 +11,13 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PIP_HINTS = {
-    "flash": "pip install flash-attn --no-build-isolation   (or PyTorch's built-in FlashAttention is used)",
-    "sage": "pip install sageattention==1.0.6   (CUDA + Triton)",
+    "flash": "pip install fa3-fwd   (FlashAttention-3 on Hopper; or PyTorch's built-in FlashAttention is used)",
+    "fa3": "pip install fa3-fwd   (Hopper GPUs, bf16, forward only)",
+    "fa2": "pip install flash-attn --no-build-isolation   (Ampere or newer)",
+    "fa4": "pip install 'flash-attn-4[cu13]'   (Hopper/Blackwell; not verified by Genesis on hardware yet)",
+    "sage": "build SageAttention 2 from github.com/thu-ml/SageAttention (pip has only 1.0.6: pip install sageattention)",
+    "fa3_fp8": "pip install fa3-fwd triton   (Hopper; Genesis quantises with its own Triton kernels)",
+    "fp8_cudnn": "pip install nvidia-cudnn-frontend triton   (Hopper or newer, cuDNN >= 9.1)",
     "xformers": "pip install xformers   (must match your torch build: see xformers' install notes)",
     "onnx": "pip install onnx onnxruntime   (onnxruntime-gpu for CUDA)",
     "webgpu": "pip install wgpu   (needs a Vulkan/Metal/D3D12 driver)",

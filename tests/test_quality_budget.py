@@ -309,3 +309,31 @@ def test_unmeasured_auto_on_cuda_runs_what_comfyui_runs(monkeypatch):
         assert dispatch.chain_for("sdpa", call)[0] == "sdpa"  # an explicit choice is unchanged
     finally:
         install_autotuner()
+
+
+# ------------------------------------------------------------------ argument errors a newcomer meets (issue 12 item 13)
+
+
+def test_layout_is_case_insensitive_like_backend_names():
+    q, k, v = qkv()
+    ref = genesis_core.attention(q, k, v)
+    out = genesis_core.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="bnhd")
+    torch.testing.assert_close(out.transpose(1, 2), ref)
+    torch.testing.assert_close(genesis_core.attention(q, k, v, layout="bhnd"), ref)
+
+
+def test_swapped_layout_is_named_in_the_error():
+    q = torch.randn(1, 4, 6, 16)  # BHND with H=4, N=6
+    k = v = torch.randn(1, 4, 5, 16)
+    with pytest.raises(ValueError, match=r"axes 1 and 2 look swapped, pass layout='BHND'"):
+        genesis_core.attention(q, k, v, layout="BNHD")
+
+
+def test_a_key_padding_mask_gets_a_hint_on_how_to_shape_it():
+    q, k, v = qkv(b=2, nq=24, nk=20)
+    pad = torch.rand(2, 20) > 0.2
+    pad[:, 0] = True
+    with pytest.raises(ValueError, match=r"\[B, Nk\] key-padding mask, pass mask\[:, None, :\]"):
+        genesis_core.attention(q, k, v, pad)
+    out = genesis_core.attention(q, k, v, pad[:, None, :])
+    assert torch.allclose(out.double(), reference_attention(q, k, v, pad[:, None, None, :]), atol=1e-5)
