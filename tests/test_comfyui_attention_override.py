@@ -277,6 +277,55 @@ def test_a_new_signature_level_or_registry_change_takes_the_full_path(monkeypatc
     torch.testing.assert_close(out2.double(), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_the_prepared_path_follows_what_auto_resolves_to_now():
+    """A prepared kernel was chosen for ``auto`` as it resolved then: a ``use_backend`` block in this thread, a new
+    process default or another AUTO chooser (the autotuner uninstalled or replaced) must take effect at once."""
+    heads = 2
+    override = interop.GenesisAttentionOverride("auto")
+    counted = {"n": 0}
+
+    def counting_kernel(q, k, v):
+        counted["n"] += 1
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    registry.register(Backend(name="chosen_override_test", probe=lambda: None, description=lambda: "test",
+                              run=lambda call: counting_kernel(call.q, call.k, call.v),
+                              direct=lambda call: counting_kernel))
+    try:
+        def served():
+            """The backend that served the override's next call (from its run table), checked against float64."""
+            before = dict(override.run_table()[0][1]) if override.run_table() else {}
+            q, k, v = (torch.randn_like(t) for t in _inputs(heads, False))
+            out = override(None, q, k, v, heads)
+            torch.testing.assert_close(out.double(), attention_basic_reference(q, k, v, heads), rtol=1e-4, atol=1e-5)
+            after = override.run_table()[0][1]
+            (name,) = [n for n in after if after[n] != before.get(n, 0)]
+            return name
+
+        default = served()  # planned
+        assert served() == default != "pytorch"  # prepared
+        with attn_pkg.use_backend("pytorch"):
+            assert [served(), served()] == ["pytorch", "pytorch"]
+        assert served() == default
+        engine.set_default_backend("pytorch")
+        try:
+            assert [served(), served()] == ["pytorch", "pytorch"]
+        finally:
+            engine.set_default_backend("auto")
+        assert served() == default
+        engine.set_auto_chooser(lambda call, names, level: "chosen_override_test")
+        try:
+            before = counted["n"]
+            assert [served(), served()] == ["chosen_override_test"] * 2
+            assert counted["n"] == before + 2
+        finally:
+            attn_pkg.install_autotuner()
+        assert served() == default
+    finally:
+        registry.unregister("chosen_override_test")
+        engine.clear_plans()
+
+
 def test_a_failing_direct_kernel_moves_the_signature_to_the_engine(genesis_log):
     """The prepared path calls the served backend's plain kernel; when that raises, this call and every later
     one with the signature go through the engine, which logs the failure and falls back."""

@@ -92,6 +92,12 @@ def get_default_backend() -> str:
     return _default_backend
 
 
+def auto_backend() -> str:
+    """What a call asking for ``auto`` in *this thread* resolves to now: the ``use_backend`` override, else the
+    process-wide default (``"auto"`` itself when neither is set)."""
+    return _tls.override or _default_backend
+
+
 def set_default_quality(level: Optional[str]) -> None:
     """Set the process-wide quality budget for calls that pass none; None re-reads ``$GENESIS_QUALITY``."""
     _quality.set_default(level)
@@ -118,7 +124,7 @@ def set_auto_chooser(chooser: Optional[Chooser], peek: Optional[Chooser] = None)
     global _auto_chooser, _auto_peek
     _auto_chooser = chooser
     _auto_peek = peek
-    clear_plans()
+    registry.changed()  # AUTO's choices are stale: dispatch's plans, and what callers prepared from them
 
 
 def set_guard(guard) -> None:

@@ -129,9 +129,10 @@ class GenesisAttentionOverride:
     # ------------------------------------------------------------ the call
 
     def __call__(self, func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
-        # An unset level is the engine's default, resolved here so a changed default is a new signature.
+        # An unset level is the engine's default, resolved here so a changed default is a new signature; so is
+        # what ``auto`` resolves to in this thread (a ``use_backend`` block, or the process default).
         key = call_key(args, kwargs, self.level or _quality.default(),
-                       self._dispatch.get_default_backend() if self._auto else None)
+                       self._dispatch.auto_backend() if self._auto else None)
         if key is not None:
             try:
                 prepared = self._prepared.get(key)
