@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from comfy_helpers import attention_basic_reference, load_pack
+from conftest import reference_attention
 
 pack = load_pack()
 interop = importlib.import_module(pack.__name__ + ".genesis_core.interop")
@@ -323,6 +324,46 @@ def test_the_prepared_path_follows_what_auto_resolves_to_now():
         assert served() == default
     finally:
         registry.unregister("chosen_override_test")
+        engine.clear_plans()
+
+
+def test_a_call_that_needs_a_backward_never_takes_a_forward_only_prepared_kernel():
+    """Grad enabled, a first call whose inputs need no grad prepares a forward-only kernel; a later call of the same
+    shapes whose q requires grad must get gradients (the full path refuses the kernel and falls back)."""
+    heads = 2
+
+    def forward_only(q, k, v):
+        with torch.no_grad():
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    limits = importlib.import_module(pack.__name__ + ".genesis_core.attn.limits")
+    registry.register(Backend(name="forward_only_test", probe=lambda: None, description=lambda: "test",
+                              run=lambda call: forward_only(call.q, call.k, call.v),
+                              limits=limits.Limits(autograd=False), direct=lambda call: forward_only))
+    try:
+        override = interop.GenesisAttentionOverride("forward_only_test")
+        with torch.enable_grad():
+            for _ in range(2):
+                q, k, v = (torch.randn_like(t) for t in _inputs(heads, False))
+                override(None, q, k, v, heads)  # planned, then prepared: the forward-only kernel
+            assert override.run_table()[0][1] == {"forward_only_test": 2}
+            q, k, v = (torch.randn_like(t) for t in _inputs(heads, False))
+            qg = q.clone().requires_grad_(True)
+            out = override(None, qg, k, v, heads)
+            assert out.requires_grad
+            weights = torch.randn_like(out)
+            (out * weights).sum().backward()
+            q64 = q.double().requires_grad_(True)
+
+            def heads_of(t):  # [B, N, H*D] -> [B, H, N, D]
+                return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+            ref = reference_attention(heads_of(q64), heads_of(k), heads_of(v)).transpose(1, 2).reshape(out.shape)
+            (ref * weights.double()).sum().backward()
+        torch.testing.assert_close(out.double(), attention_basic_reference(q, k, v, heads), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(qg.grad.double(), q64.grad, rtol=1e-3, atol=1e-4)
+    finally:
+        registry.unregister("forward_only_test")
         engine.clear_plans()
 
 

@@ -49,7 +49,8 @@ _registry.on_change(_registry_changed)
 
 def call_key(args: Tuple[Any, ...], kwargs: Dict[str, Any], level: Optional[str], context: Any) -> Optional[tuple]:
     """What a prepared function is keyed by: the shapes and strides of q, k, v (what the views depend on),
-    q's dtype and device, heads, attn_precision, the two reshape flags, the level, whether autograd is on, the
+    q's dtype and device, heads, attn_precision, the two reshape flags, the level, whether autograd will need a
+    backward (grad enabled and an input that requires grad: a forward-only kernel cannot serve then), the
     registry generation and ``context`` (what ``auto`` resolves to); None for calls that always take the full
     path (a mask, positional arguments beyond ComfyUI's, something that is not a tensor). k's and v's dtypes
     and devices are left out: a call where they differ from q's fails in the kernel, and the full path then
@@ -65,7 +66,8 @@ def call_key(args: Tuple[Any, ...], kwargs: Dict[str, Any], level: Optional[str]
         return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device,
                 args[3] if n > 3 else get("heads"), args[5] if n > 5 else get("attn_precision"),
                 args[6] if n > 6 else get("skip_reshape", False),
-                args[7] if n > 7 else get("skip_output_reshape", False), level, _grad_enabled(), _generation[0],
+                args[7] if n > 7 else get("skip_output_reshape", False), level,
+                _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad), _generation[0],
                 context)
     except (AttributeError, TypeError):
         return None
