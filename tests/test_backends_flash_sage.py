@@ -242,6 +242,43 @@ def test_fa3_build_flags_refuse_what_the_build_left_out(fakes):
     assert b.refusal(_meta(dtype=torch.bfloat16, d=192)) is None
 
 
+def test_fa3_with_a_backward_gives_gradients_through_flash_attn_func(fakes):
+    """A full FA3 build (backward compiled) whose compiled fwd op is called directly for speed: that op has no
+    autograd, so a call that needs a backward must go through flash_attn_func and get the right gradients."""
+    names = ["q", "k", "v", "k_new", "v_new", "q_v", "out", "q_descale", "k_descale", "v_descale", "softmax_scale",
+             "is_causal", "num_splits", "pack_gqa", "sm_margin"]
+    direct_calls = []
+
+    def fwd(q, k, v, softmax_scale=None, num_splits=0, **kwargs):  # a compiled op: nothing recorded for autograd
+        direct_calls.append(q.requires_grad)
+        with torch.no_grad():
+            return attend_bnhd(q, k, v, softmax_scale), None, None, None
+
+    fwd._schema = types.SimpleNamespace(arguments=[types.SimpleNamespace(name=n) for n in names])
+    wrapper = Recorder()
+    mod = fakes.fa3(wrapper, flags={}, name="flash_attn_interface")
+    mod.flash_attn_3_cuda = types.SimpleNamespace(fwd=types.SimpleNamespace(default=fwd))
+    b = registry.get("fa3")
+    assert b.available() is None and "compiled fwd op called directly" in b.description()
+    q, k, v = bnhd_inputs(n=48, h=2, hkv=2, d=64, dtype=torch.float16)
+    with torch.no_grad():  # no backward needed: the fast op
+        before = len(wrapper.calls)
+        out = attention(q, k, v, backend="fa3", layout="BNHD")
+        assert last_backend() == "fa3" and len(wrapper.calls) == before and direct_calls[-1] is False
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    with torch.enable_grad():
+        out = attention(qg, kg, vg, backend="fa3", layout="BNHD")
+        assert last_backend() == "fa3" and len(wrapper.calls) == before + 1
+        weights = torch.randn_like(out)
+        (out * weights).sum().backward()
+        q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+        ref = reference_attention(q64.transpose(1, 2), k64.transpose(1, 2), v64.transpose(1, 2)).transpose(1, 2)
+        (ref * weights.double()).sum().backward()
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-2, atol=1e-2)
+    for got, want in ((qg, q64), (kg, k64), (vg, v64)):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=2e-2, atol=2e-2)
+
+
 # ------------------------------------------------------------------ probes
 
 

@@ -36,13 +36,14 @@ TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
 _HDIMS = (64, 96, 128, 192, 256)
 
 _impl: Optional[Tuple[ModuleType, str]] = None  # (interface module, label)
-_fn: Optional[Callable] = None
+_fn: Optional[Callable] = None  # what serves calls without autograd: the compiled fwd op, else flash_attn_func
+_wrapper: Optional[Callable] = None  # flash_attn_func, the module's autograd Function: calls that need a backward
 _flags: Dict[str, bool] = {}
 
 
 def _probe() -> Optional[str]:
-    global _impl, _fn, _flags
-    _impl, _fn, _flags = None, None, {}
+    global _impl, _fn, _wrapper, _flags
+    _impl, _fn, _wrapper, _flags = None, None, None, {}
     if not pkg.fa3_installed():
         return f"not installed ({pkg.FA3_PIP})"
     device = pkg.probe_device()
@@ -68,6 +69,7 @@ def _probe() -> Optional[str]:
     if why is not None:
         _impl, _fn = None, None
         return f"{label}: {why}"
+    _wrapper = fn
     return None
 
 
@@ -98,12 +100,17 @@ def _build_refusal(call: AttentionCall) -> Optional[str]:
     return None
 
 
+def _kernel(call: AttentionCall) -> Callable:
+    """The compiled fwd op has no autograd: a call that needs a backward goes through ``flash_attn_func``."""
+    return _wrapper if _wrapper is not None and needs_grad(call) else _fn
+
+
 def run(call: AttentionCall) -> torch.Tensor:
-    return pkg.run_bnhd(_fn, call)
+    return pkg.run_bnhd(_kernel(call), call)
 
 
 def _direct(call: AttentionCall) -> Optional[Callable[..., torch.Tensor]]:
-    return pkg.direct_bnhd(_fn) if _fn is not None and call.mask is None else None
+    return pkg.direct_bnhd(_kernel(call)) if _fn is not None and call.mask is None else None
 
 
 def _description() -> str:
