@@ -21,8 +21,8 @@ MAX_EXACT_STEPS = 1000
 QUALITY_TOOLTIP = (
     "How far from exact attention Genesis may go for speed. exact: only kernels that compute in the model's "
     "own precision (SDPA, FlashAttention, xformers); results match ComfyUI's up to bf16/fp16 rounding. "
-    "high: also 8-bit kernels that keep softmax·V near half precision (SageAttention's INT8 Q·K). fast: also "
-    "kernels that quantise every operand to FP8 (cuDNN/FA3 FP8, SageAttention 2's FP8 P·V). Every lower-level "
+    "high: also SageAttention's kernels (INT8 Q·K of smoothed keys; P·V in FP16, or in FP8 with FP32 "
+    "accumulation). fast: also kernels that quantise q, k and v all to FP8 (cuDNN and FA3 FP8). Every lower-level "
     "kernel is checked against a float64 reference on the live inputs and refused when its error is over the "
     "level's thresholds (the README's 'Quality budgets' section lists them). With an explicit lossy attention "
     "(sage) the steps not held at exact run at least at the level that kernel needs."

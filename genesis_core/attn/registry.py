@@ -54,7 +54,8 @@ class Backend:
     version: Callable[[], Optional[str]] = lambda: None
     limits: Limits = ANY
     precision: str = "exact"
-    # Relative-error bound against the float64 reference per dtype; it can only tighten the quality level's.
+    # Relative-error bound against the float64 reference per dtype: at ``exact`` it replaces the dtype's default
+    # (quality.EXACT_REL_L2), at a lower level the larger of it and the level's bound applies (quality.thresholds).
     tolerance: Dict[torch.dtype, float] = field(default_factory=dict)
     direct: Optional[Callable[[AttentionCall], Optional[Callable[..., torch.Tensor]]]] = None
     # Cost of the first call of a new configuration (a JIT compile), in seconds, once known; for `info`.

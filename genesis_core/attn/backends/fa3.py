@@ -14,7 +14,8 @@ whose last dim is contiguous: the call's BHND views are handed over transposed, 
 Host cost: ``flash_attn_func`` goes through an autograd Function and a ``torch.library`` custom op before the
 compiled ``fwd`` op; where the module exposes that op with the arguments used here, ``run`` calls it directly
 (the FP8 backend does the same, see fa3_fp8.py) and the probe checks that path against float64, falling back to
-``flash_attn_func`` when it fails.
+``flash_attn_func`` when it fails. The op records nothing for autograd: calls that need a backward always go
+through ``flash_attn_func``.
 """
 from __future__ import annotations
 

@@ -9,9 +9,10 @@ Genesis passes a smoothed copy and ``smooth_k=False`` instead (softmax is invari
 QK·FP16 PV (CUDA), sm86 the Triton kernel, sm89/sm120 INT8 QK·FP8 PV, sm90 the sm90 FP8 PV kernel. head_dim
 <= 128 (smaller ones are padded to 64 or 128 by the library, larger raise). Every 2.x kernel smooths k by
 default, out of place (``k - km`` inside its quantisation), and ``sageattn`` does not forward ``smooth_k``:
-Genesis passes k as it is, no copy. The precision class is that of the kernel ``sageattn`` runs on this GPU
-(set by the probe: ``int8`` for 1.x and sm80/sm86, ``fp8`` for the FP8 PV kernels). Single kernels are the
-``sage2_*`` backends (:mod:`.sage2`).
+Genesis passes k as it is, no copy. The precision class is that of the kernel ``sageattn`` runs on this GPU,
+set by the probe (:func:`dispatched`): ``int8`` for every kernel 1.x and 2.x run (8-bit Q·Kᵀ of smoothed keys;
+the FP8 P·V of the sm89/sm90/sm120 kernels accumulates in FP32). Single kernels are the ``sage2_*`` backends
+(:mod:`.sage2`).
 
 Both: CUDA, float16/bfloat16, v's head_dim equal to q's, no mask, no backward, grouped-query attention native.
 Inputs made as ComfyUI makes them (contiguous [B, N, H, D], seen as BHND views) go in as ``tensor_layout="NHD"``

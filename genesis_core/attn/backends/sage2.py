@@ -2,7 +2,8 @@
 
 * ``sage2_fp8``: INT8 Q·Kᵀ, FP8 P·V. On compute capability 9.0 the sm90 kernel
   (``sageattn_qk_int8_pv_fp8_cuda_sm90``, ``pv_accum_dtype="fp32+fp32"``, the only one it has); on 8.9 and
-  12.x ``sageattn_qk_int8_pv_fp8_cuda`` as ``sageattn`` calls it there. Precision class ``fp8``.
+  12.x ``sageattn_qk_int8_pv_fp8_cuda`` as ``sageattn`` calls it there. Precision class ``int8`` (see
+  :data:`VARIANTS`: its FP8 P·V accumulates in FP32; q, k and v are not all FP8).
 * ``sage2_fp16``: INT8 Q·Kᵀ, FP16 P·V with FP32 accumulation (``sageattn_qk_int8_pv_fp16_cuda``,
   ``pv_accum_dtype="fp32"``), compute capability 8.0+. Class ``int8``.
 * ``sage2_triton``: the Triton kernel (``sageattn_qk_int8_pv_fp16_triton``), 8.0+. Class ``int8``.
