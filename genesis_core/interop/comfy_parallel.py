@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .._log import log_once, logger
+from ..compute._tree import map_tensors
 from ..parallel.sequence import sequence_attention
 from ..parallel.session import ParallelSettings, close_sessions, session_for  # noqa: F401 (re-exported)
 from ..parallel.shard import gather_tokens, split_tokens
@@ -273,13 +274,8 @@ def _prepare_comfy(device: str, comfy_path: Optional[str]) -> None:
 
 
 def _to(value: Any, device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
+    """``value`` with every tensor in it (nested lists, tuples, dicts) moved to ``device``."""
+    return map_tensors(value, lambda t: t.to(device))
 
 
 def _runner(call, device: torch.device, own: Dict[str, Any]):
