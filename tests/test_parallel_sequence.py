@@ -1,5 +1,5 @@
-"""Sequence-parallel attention (Ulysses, ring, both; joint tokens; uneven shards) on 2 and 4 gloo processes
-against float64 single-process attention over the whole sequence, on hypothesis-drawn shapes."""
+"""Sequence-parallel attention (Ulysses, ring, both; joint tokens; uneven shards; key masks) on 2 and 4 gloo
+processes against float64 single-process attention over the whole sequence, on hypothesis-drawn shapes."""
 from __future__ import annotations
 
 import math
@@ -24,7 +24,7 @@ def _mesh(ctx, ulysses, ring):
     return ctx.cache[key]
 
 
-def _shard_attention(ctx, q, k, v, case):
+def _shard_attention(ctx, q, k, v, case, mask=None):
     """This rank's shard of the middle tokens (+ the joint tokens), through sequence_attention."""
     mesh = _mesh(ctx, case["ulysses"], case["ring"])
     jf, jb = case["jf"], case["jb"]
@@ -39,16 +39,16 @@ def _shard_attention(ctx, q, k, v, case):
     if case["layout"] == "BNHD":
         ql, kl, vl = ql.transpose(1, 2), kl.transpose(1, 2), vl.transpose(1, 2)
     out = sequence_attention(ql, kl, vl, mesh, real=real, joint_front=jf, joint_back=jb, layout=case["layout"],
-                             ring_impl=case["ring_impl"], scale=case["scale"])
+                             ring_impl=case["ring_impl"], scale=case["scale"], mask=mask)
     if case["layout"] == "BNHD":
         out = out.transpose(1, 2)
     return mesh.shard_index, out.contiguous(), real
 
 
-def _raises(ctx, q, k, v, case):
+def _raises(ctx, q, k, v, case, mask=None):
     mesh = _mesh(ctx, case["ulysses"], case["ring"])
     try:
-        sequence_attention(q, k, v, mesh)
+        sequence_attention(q, k, v, mesh, mask=mask)
     except ValueError as exc:
         return str(exc)
     return None
@@ -77,8 +77,9 @@ def _check_case(pool, case, seed):
     q = torch.randn(b, h, total, d, generator=gen).to(dtype)
     k = torch.randn(b, hk, total, d, generator=gen).to(dtype)
     v = torch.randn(b, hk, total, d, generator=gen).to(dtype)
-    ref = reference_attention(q, k, v, scale=case["scale"])  # float64, the whole sequence in one process
-    results = pool.run(_shard_attention, q, k, v, case)
+    mask = _draw_mask(gen, case.get("mask"), b, h, total)
+    ref = reference_attention(q, k, v, mask=mask, scale=case["scale"])  # float64, the whole sequence, one process
+    results = pool.run(_shard_attention, q, k, v, case, mask)
     parts = case["ulysses"] * case["ring"]
     length = max(math.ceil(n / parts), case["minimum"])
     by_shard = {i: (out, real) for i, out, real in results}
@@ -107,6 +108,23 @@ def _check_case(pool, case, seed):
         assert torch.equal(by_shard[i][0][:, :, jf + length:], by_shard[0][0][:, :, jf + length:])
 
 
+def _draw_mask(gen, kind, b, h, keys):
+    """A key mask over the whole sequence: ``bool`` [keys] (one key always kept), ``additive`` [B, 1, keys] with
+    a few -inf, ``heads`` [B, H, 1, keys]."""
+    if kind is None:
+        return None
+    if kind == "bool":
+        m = torch.rand(keys, generator=gen) < 0.6
+        m[torch.randint(keys, (1,), generator=gen)] = True
+        return m
+    if kind == "additive":
+        m = torch.randn(b, 1, keys, generator=gen) * 2
+        drop = torch.rand(b, 1, keys, generator=gen) < 0.3
+        drop[..., torch.randint(keys, (1,), generator=gen)] = False
+        return m.masked_fill(drop, float("-inf"))
+    return torch.randn(b, h, 1, keys, generator=gen) * 2
+
+
 def _cases(world):
     meshes = [(u, world // u) for u in (1, 2, 4) if world % u == 0 and u <= world]
 
@@ -124,6 +142,7 @@ def _cases(world):
             "ring_impl": draw(st.sampled_from(["ring", "allgather"])),
             "dtype": draw(st.sampled_from([torch.float32, torch.float64])),
             "scale": draw(st.sampled_from([None, 0.3])),
+            "mask": draw(st.sampled_from([None, None, "bool", "additive", "heads"])),
         }
 
     return case()
@@ -145,11 +164,13 @@ def test_four_processes_match_one(pool4, case, seed):
     _check_case(pool4, case, seed)
 
 
-@pytest.mark.parametrize("ulysses,ring", [(4, 1), (2, 2), (1, 4)])
-def test_uneven_tiny_sequence_on_four_ranks(pool4, ulysses, ring):
+@pytest.mark.parametrize("ulysses,ring,mask", [(4, 1, None), (2, 2, None), (1, 4, None), (2, 2, "additive"),
+                                               (1, 4, "heads")])
+def test_uneven_tiny_sequence_on_four_ranks(pool4, ulysses, ring, mask):
     """5 tokens on 4 ranks: shards of 2, 2, 1 and 0 real tokens; nothing dropped, nothing doubled."""
     case = {"ulysses": ulysses, "ring": ring, "b": 1, "h": 4, "hk": 4, "d": 8, "n": 5, "jf": 2, "jb": 1,
-            "minimum": 0, "layout": "BHND", "ring_impl": "ring", "dtype": torch.float64, "scale": None}
+            "minimum": 0, "layout": "BHND", "ring_impl": "ring", "dtype": torch.float64, "scale": None,
+            "mask": mask}
     _check_case(pool4, case, seed=1234)
 
 
@@ -157,6 +178,29 @@ def test_heads_that_do_not_divide_are_refused_with_a_sentence(pool4):
     q = torch.randn(1, 6, 5, 8)  # 6 heads on 4 Ulysses ranks
     messages = pool4.run(_raises, q, q, q, {"ulysses": 4, "ring": 1})
     assert all(m is not None and "6 attention heads do not divide among 4 Ulysses ranks" in m for m in messages)
+
+
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)])
+def test_a_mask_only_on_the_joint_keys_on_two_ranks(pool2, ulysses, ring):
+    """HunyuanVideo's case: image shards unmasked, some text keys (joint, behind) masked out."""
+    case = {"ulysses": ulysses, "ring": ring, "b": 1, "h": 2, "hk": 2, "d": 8, "n": 9, "jf": 0, "jb": 5,
+            "minimum": 0, "layout": "BNHD", "ring_impl": "ring", "dtype": torch.float64, "scale": None,
+            "mask": None}
+    mask = torch.zeros(1, 1, 14)
+    mask[..., 11:] = -torch.finfo(torch.float32).max  # what ComfyUI's HunyuanVideo builds from its text mask
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 14, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    ref = reference_attention(q, k, v, mask=mask)
+    outs = {i: (o, real) for i, o, real in pool2.run(_shard_attention, q, k, v, case, mask)}
+    joined = unpad_tokens(torch.cat([outs[i][0][:, :, :5] for i in range(2)], dim=2), outs[0][1], dim=2)
+    torch.testing.assert_close(joined, ref[:, :, :9], atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(outs[1][0][:, :, 5:], ref[:, :, 9:], atol=1e-9, rtol=1e-9)
+
+
+def test_masks_that_differ_per_query_are_refused_with_a_sentence(pool2):
+    q = torch.randn(1, 2, 5, 8)
+    messages = pool2.run(_raises, q, q, q, {"ulysses": 2, "ring": 1}, torch.zeros(1, 10, 10))
+    assert all(m is not None and "differs per query cannot be split" in m for m in messages)
 
 
 def test_mesh_layout_and_shard_sizes():

@@ -21,6 +21,11 @@ this rank's tokens, in this rank's layout.
 
 Joint tokens: their queries attend to every token; their result is made identical on every rank (broadcast
 along the ring, all-gather across the Ulysses heads). Inference only (the collectives here have no backward).
+
+Key masks (HunyuanVideo's text mask): a mask that is the same for every query, given over the whole sequence as
+one process sees it (joint front, every shard's real tokens in shard order, joint back), is exact: each rank
+holds it whole and applies the slice that belongs to the keys it attends to. A mask that differs per query
+would have to be cut with the queries and is refused.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import torch
 
 from .._log import first_line, log_once
 from ..attn.dispatch import attention as genesis_attention
+from ..attn.types import mask_4d_shape
 from .mesh import ParallelMesh
 from .shard import check_real
 
@@ -59,32 +65,42 @@ def group_mesh(group=None) -> ParallelMesh:
 # ---------------------------------------------------------------- a block with its log-sum-exp
 
 
-def _math_lse(q, k, v, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Chunked float32 (float64 stays float64) softmax attention returning (out, lse)."""
+def _math_lse(q, k, v, scale: float, bias=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Chunked float32 (float64 stays float64) softmax attention returning (out, lse); ``bias`` is additive,
+    broadcastable to ``[B, H, 1, Nk]``."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     step = max(1, min(nq, (1 << 25) // max(1, b * h * nk)))
     kt = k.to(work).transpose(-1, -2)
     vv = v.to(work)
+    bb = None if bias is None else bias.to(work)
     outs, lses = [], []
     for s in range(0, nq, step):
         scores = (q[:, :, s:s + step].to(work) @ kt) * scale
+        if bb is not None:
+            scores = scores + bb
         lse = torch.logsumexp(scores, dim=-1)
         outs.append(torch.exp(scores - lse.unsqueeze(-1)) @ vv)
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias=None
                        ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Unmasked attention of BHND ``q`` to ``k``/``v`` (same heads) -> ``(out [B,H,Nq,Dv], lse [B,H,Nq] float)``."""
+    """Attention of BHND ``q`` to ``k``/``v`` (same heads) -> ``(out [B,H,Nq,Dv], lse [B,H,Nq] float)``.
+
+    ``bias``: None or a finite additive key bias broadcastable to ``[B, H, 1, Nk]`` (on CUDA it runs on the
+    chunked float32 path; the ring gives it only the joint tokens' block and shard blocks whose mask is set)."""
     dev = q.device.type
     try:
         if dev == "cpu" and q.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            mask = None if bias is None else bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, 0.0, False, attn_mask=None, scale=scale)[:2]
+                q, k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]
             return out, lse
+        if bias is not None:
+            return _math_lse(q, k, v, scale, bias)
         if dev == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 \
                 and q.shape[-1] == v.shape[-1]:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
@@ -96,7 +112,7 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     except Exception as exc:  # an unsupported shape/dtype/GPU: the plain path below serves it
         log_once(("ring-lse-fallback", dev, str(q.dtype), first_line(exc, 200)),
                  f"ring attention block on {dev} {q.dtype} runs on the chunked float32 path: {first_line(exc, 200)}")
-    return _math_lse(q, k, v, scale)
+    return _math_lse(q, k, v, scale, bias)
 
 
 # ---------------------------------------------------------------- collectives
@@ -139,8 +155,13 @@ def _compact(t: torch.Tensor, counts: Sequence[int], length: int) -> torch.Tenso
     return torch.cat(pieces, dim=2) if pieces else t.narrow(2, 0, 0)
 
 
-def _ring_attention(qq, kb, vb, jk, jv, mesh: ParallelMesh, real: List[int], length: int, scale: float):
-    """LSE-merged attention of ``qq`` to every ring rank's key/value block (joint k/v added to the first)."""
+def _ring_attention(qq, kb, vb, jk, jv, mesh: ParallelMesh, real: List[int], length: int, scale: float,
+                    bias: Optional[torch.Tensor] = None, jf: int = 0):
+    """LSE-merged attention of ``qq`` to every ring rank's key/value block (joint k/v added to the first).
+
+    ``bias``: a finite additive key bias ``[B|1, H|1, 1, keys]`` over the whole sequence (``jf`` joint front
+    keys, every shard's real keys in order, the joint back keys); the joint keys then form a block of their own,
+    and a shard block gets its slice of the bias only where that slice is not all zero."""
     import torch.distributed as dist
 
     u, r, me = mesh.ulysses, mesh.ring, mesh.ring_index
@@ -149,6 +170,25 @@ def _ring_attention(qq, kb, vb, jk, jv, mesh: ParallelMesh, real: List[int], len
     cur = torch.stack((kb, vb)).contiguous()
     acc_out: Optional[torch.Tensor] = None
     acc_lse: Optional[torch.Tensor] = None
+
+    def merge(k_, v_, b_):
+        nonlocal acc_out, acc_lse
+        if not k_.shape[2]:
+            return
+        o, lse = attention_with_lse(qq, k_, v_, scale, b_)
+        work = torch.float64 if o.dtype == torch.float64 else torch.float32
+        o, lse = o.to(work), lse.to(work)
+        if acc_out is None:
+            acc_out, acc_lse = o, lse
+        else:
+            new = torch.logaddexp(acc_lse, lse)
+            acc_out = acc_out * torch.exp(acc_lse - new).unsqueeze(-1) + o * torch.exp(lse - new).unsqueeze(-1)
+            acc_lse = new
+
+    total = sum(real)
+    if bias is not None and jk is not None:
+        merge(jk, jv, torch.cat((bias.narrow(3, 0, jf), bias.narrow(3, jf + total, bias.shape[3] - jf - total)), 3))
+        jk = jv = None
     for step in range(r):
         src = (me - step) % r
         reqs, incoming = [], None
@@ -158,18 +198,13 @@ def _ring_attention(qq, kb, vb, jk, jv, mesh: ParallelMesh, real: List[int], len
             reqs = dist.batch_isend_irecv(ops)
         counts = real[src * u:(src + 1) * u]
         k_, v_ = _compact(cur[0], counts, length), _compact(cur[1], counts, length)
+        b_ = None
+        if bias is not None:
+            b_ = bias.narrow(3, jf + sum(real[:src * u]), sum(counts))
+            b_ = b_ if bool(b_.any()) else None
         if step == 0 and jk is not None:
             k_, v_ = torch.cat((jk, k_), dim=2), torch.cat((jv, v_), dim=2)
-        if k_.shape[2]:
-            o, lse = attention_with_lse(qq, k_, v_, scale)
-            work = torch.float64 if o.dtype == torch.float64 else torch.float32
-            o, lse = o.to(work), lse.to(work)
-            if acc_out is None:
-                acc_out, acc_lse = o, lse
-            else:
-                new = torch.logaddexp(acc_lse, lse)
-                acc_out = acc_out * torch.exp(acc_lse - new).unsqueeze(-1) + o * torch.exp(lse - new).unsqueeze(-1)
-                acc_lse = new
+        merge(k_, v_, b_)
         for req in reqs:
             req.wait()
         if incoming is not None:
@@ -234,15 +269,15 @@ def sequence_attention(
         backend, scale: as for :func:`genesis_core.attention` (``backend`` serves the Ulysses and the
             ``allgather`` local calls).
         ring_impl: ``"ring"`` (pass key/value blocks round the ring) or ``"allgather"``.
-        mask: not supported (a mask would have to be sharded with the tokens); pass None.
+        mask: None, or a key mask that is the same for every query, over the whole sequence as one process sees
+            it (``Jf`` joint front keys, every shard's real keys in shard order, ``Jb`` joint back keys):
+            boolean (True = attend) or additive float, shaped ``[keys]``, ``[B|1, 1, keys]`` or
+            ``[B|1, H|1, 1, keys]``. Every rank passes the same mask.
 
     Returns: this rank's result in its own layout and shape (padding rows hold finite values to be dropped).
     Raises: ValueError naming the argument when heads do not divide among the Ulysses ranks, shapes disagree, etc.
     """
     _check(q, k, v, mesh, joint_front, joint_back, layout)
-    if mask is not None:
-        raise ValueError("sequence-parallel attention takes no mask (it would have to be sharded with the tokens); "
-                         "got a mask of shape " + str(tuple(mask.shape)))
     if layout not in ("BHND", "BNHD"):
         raise ValueError(f"layout must be 'BHND' or 'BNHD'; got {layout!r}")
     if ring_impl not in RING_IMPLS:
@@ -264,6 +299,8 @@ def sequence_attention(
         raise ValueError(f"the {h} attention heads do not divide among {u} Ulysses ranks; use a Ulysses degree that "
                          f"divides {h} and put the other ranks on the ring")
     real = check_real(real, u * rr, length)
+    if mask is not None:
+        mask = _key_mask(mask, b, h, joint_front + sum(real) + joint_back)
     if scale is None:
         scale = d ** -0.5
     if hk % u:  # grouped-query k/v heads that do not divide: give every query head its own copy
@@ -288,6 +325,8 @@ def sequence_attention(
         return t.narrow(1, ui * per, per)
 
     jq = torch.cat((heads(qf, hq_local), qh, heads(qb, hq_local)), dim=2) if (jf or jb) else qh
+    if mask is not None and mask.shape[1] == h:
+        mask = heads(mask, hq_local)
     jkf, jvf = heads(kf, hk_local), heads(vf, hk_local)
     jkb, jvb = heads(kb_, hk_local), heads(vb_, hk_local)
 
@@ -295,11 +334,11 @@ def sequence_attention(
     if rr == 1:
         keys = torch.cat((jkf, _compact(kh, my_counts, length), jkb), dim=2)
         vals = torch.cat((jvf, _compact(vh, my_counts, length), jvb), dim=2)
-        out = genesis_attention(jq, keys, vals, backend=backend, scale=scale)
+        out = genesis_attention(jq, keys, vals, _as_dtype(mask, jq.dtype), backend=backend, scale=scale)
     elif ring_impl == "allgather":
         kall, vall = _allgather_kv(kh, vh, mesh, real, length)
         keys, vals = torch.cat((jkf, kall, jkb), dim=2), torch.cat((jvf, vall, jvb), dim=2)
-        out = genesis_attention(jq, keys, vals, backend=backend, scale=scale)
+        out = genesis_attention(jq, keys, vals, _as_dtype(mask, jq.dtype), backend=backend, scale=scale)
     else:
         if hk_local != hq_local:
             kh, vh = kh.repeat_interleave(hq_local // hk_local, 1), vh.repeat_interleave(hq_local // hk_local, 1)
@@ -307,7 +346,8 @@ def sequence_attention(
             jkb, jvb = jkb.repeat_interleave(hq_local // hk_local, 1), jvb.repeat_interleave(hq_local // hk_local, 1)
         jk = torch.cat((jkf, jkb), dim=2) if (jf or jb) else None
         jv = torch.cat((jvf, jvb), dim=2) if (jf or jb) else None
-        out = _ring_attention(jq, kh, vh, jk, jv, mesh, real, length, scale)
+        bias = None if mask is None else mask.clamp(min=torch.finfo(mask.dtype).min)  # -inf: no NaN in the merge
+        out = _ring_attention(jq, kh, vh, jk, jv, mesh, real, length, scale, bias, jf)
 
     shard_out = _heads_to_tokens(out.narrow(2, jf, u * length), u, mesh.ulysses_group)
     if jf or jb:
@@ -317,6 +357,25 @@ def sequence_attention(
     else:
         result = shard_out
     return result.transpose(1, 2) if layout == "BNHD" else result
+
+
+def _key_mask(mask, b: int, h: int, keys: int) -> torch.Tensor:
+    """A key mask over the whole sequence -> 4-D ``[B|1, H|1, 1, keys]``, additive float (True = attend -> 0)."""
+    shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+    if not isinstance(mask, torch.Tensor) or not 1 <= mask.dim() <= 4:
+        raise ValueError(f"mask must be a 1- to 4-D tensor; got {shape}")
+    m = mask.reshape(mask_4d_shape(mask.shape))
+    if m.shape[2] != 1 or m.shape[3] != keys or m.shape[0] not in (1, b) or m.shape[1] not in (1, h):
+        raise ValueError(f"mask must be a key mask over the whole sequence ({keys} keys: the joint tokens and every "
+                         f"shard's real tokens), the same for every query: [{keys}], [B|1, 1, {keys}] or "
+                         f"[B|1, H|1, 1, {keys}]; got {shape} (a mask that differs per query cannot be split)")
+    if m.dtype == torch.bool:
+        return torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(~m, float("-inf"))
+    return m if m.is_floating_point() else m.to(torch.float32)
+
+
+def _as_dtype(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if mask is None else mask.to(dtype)
 
 
 def _replicate_joint(joint: torch.Tensor, mesh: ParallelMesh) -> torch.Tensor:
