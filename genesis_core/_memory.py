@@ -117,16 +117,6 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def too_big(need_bytes: int, device, fraction: float = 0.8) -> Optional[str]:
-    """Why allocating ``need_bytes`` on ``device`` should not be tried (over ``fraction`` of what is free), or
-    None when it fits or the free memory cannot be known."""
-    free = available_bytes(device)
-    if free is None or need_bytes <= free * fraction:
-        return None
-    return (f"needs {gib(need_bytes)} on {torch.device(device)}, but only {gib(free)} is free "
-            f"(limit {fraction:.0%} of free memory)")
-
-
 def scores_refusal(elements: int, bytes_per_element: int, device, share: float = 0.5) -> Optional[str]:
     """Why a kernel that materialises ``elements`` attention scores (``bytes_per_element`` each, scores and
     softmax together) should not run on ``device``: over ``share`` of its free memory. None when it fits."""

@@ -2,7 +2,7 @@
 a clone of that model; the workers are Ray actors on this machine or on a Ray cluster."""
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Tuple
 
 from ..genesis_core._log import log_once
 from ..genesis_core.attn import backend_name
@@ -137,9 +137,3 @@ class GenesisMultiGPU(ComfyUINodeInterface):
                      f"{NODE} replaces another node's model function wrapper ({type(previous).__name__}) on this model")
         patched.set_model_unet_function_wrapper(MultiGPUModelFunction(settings))
         return (patched,)
-
-
-def settings_of(model) -> List[ParallelSettings]:
-    """The multi-GPU settings a MODEL carries (empty if none)."""
-    w = getattr(model, "model_options", {}).get("model_function_wrapper")
-    return [w.settings] if isinstance(w, MultiGPUModelFunction) else []

@@ -20,11 +20,6 @@ LEVEL_ROWS: Dict[str, str] = {"exact": "auto", "high": "auto@high", "fast": "aut
 ROW_LEVELS: Dict[str, str] = {row: level for level, row in LEVEL_ROWS.items()}
 
 
-def level_row(level: str) -> str:
-    """The name of AUTO's row at ``level``: ``auto`` (exact), ``auto@high``, ``auto@fast``."""
-    return LEVEL_ROWS[level]
-
-
 def level_of(name: str, backend: Optional[registry.Backend]) -> str:
     """The level a row is judged at: an AUTO row's own, else the strictest one its precision class allows."""
     if name in ROW_LEVELS:
@@ -47,9 +42,3 @@ def judge(row: dict, backend: Optional[registry.Backend], dtype: torch.dtype, re
                min_cos=min_cos or None, correct=why is None, why=why, precision=precision)
     row["fits"] = [lv for lv in quality.LEVELS if quality.admits(lv, precision) and finite
                    and quality.verdict(lv, dtype, rel, cos, tol) is None]
-
-
-def thresholds_text(level: str, dtype: torch.dtype) -> str:
-    """``rel <= 8e-02, cos >= 0.9965`` (the level's bounds for ``dtype``; exact bounds no cosine)."""
-    max_rel, min_cos = quality.thresholds(level, dtype)
-    return f"rel <= {max_rel:.0e}" + (f", cos >= {min_cos:g}" if min_cos else "")

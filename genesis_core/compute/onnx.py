@@ -139,8 +139,10 @@ class OnnxRunner:
             self.stats.sessions = 0
 
     # -- sessions -----------------------------------------------------------------------------------
-    def compiled_for(self, fn: Any, flat: List[torch.Tensor], template: Any) -> Compiled:
-        """The cached session for this call signature, exporting (and checking) on a miss.
+    def _compiled(self, fn: Any, flat: List[torch.Tensor], template: Any
+                  ) -> Tuple[Compiled, Optional[List[torch.Tensor]]]:
+        """``(session, outputs)`` for this call signature, exporting (and checking) on a miss; outputs are this
+        call's results when a new session was checked on them.
 
         The key holds fn's identity, the input signature, the captured models' weights fingerprint, a
         fingerprint of every other tensor fn can reach (closure cells, defaults, attributes of captured
@@ -148,11 +150,6 @@ class OnnxRunner:
         into the graph as constants, so modifying one in place, re-pointing an attribute to a new tensor or
         assigning a new value to a global must give a new export, not the old numbers.
         """
-        return self._compiled(fn, flat, template)[0]
-
-    def _compiled(self, fn: Any, flat: List[torch.Tensor], template: Any
-                  ) -> Tuple[Compiled, Optional[List[torch.Tensor]]]:
-        """``(session, outputs)``: outputs are this call's results when a new session was checked on them."""
         fkey, keep = callable_key(fn)
         found = reach(fn)
         modules = found.modules

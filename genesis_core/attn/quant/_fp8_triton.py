@@ -346,11 +346,6 @@ def chunks(n: int, block_n: int) -> Tuple[int, int]:
     return per, -(-max(n, 1) // per)
 
 
-def launches_per_call() -> int:
-    """Kernel launches of one :func:`quantize_qkv` call."""
-    return 2
-
-
 _plans: dict = {}  # (B, H, NQ, NK, D, strides, flags) -> what a call of that signature launches: pure data
 
 
