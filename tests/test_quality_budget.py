@@ -337,3 +337,12 @@ def test_a_key_padding_mask_gets_a_hint_on_how_to_shape_it():
         genesis_core.attention(q, k, v, pad)
     out = genesis_core.attention(q, k, v, pad[:, None, :])
     assert torch.allclose(out.double(), reference_attention(q, k, v, pad[:, None, None, :]), atol=1e-5)
+
+
+def test_served_signatures_stay_bounded(monkeypatch):
+    monkeypatch.setattr(dispatch, "_MAX_PLANS", 8)
+    dispatch.clear_plans()
+    for n in range(2, 30):
+        q = torch.randn(1, 1, n, 4)
+        genesis_core.attention(q, q, q, backend="pytorch")
+    assert 0 < len(dispatch.served_signatures()) <= 8

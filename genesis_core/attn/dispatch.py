@@ -329,6 +329,8 @@ def eager_attention(q, k, v, mask, backend, layout, scale, quality=None) -> torc
                 if len(_plans) >= _MAX_PLANS:
                     _plans.clear()
                 _plans[key] = plan
+        if len(_served) >= _MAX_PLANS:  # telemetry, bounded like the plans
+            _served.clear()
         _served[plan.signature] = plan.chain[0].name
     elif scale is not None:  # the cached plan says nothing about this call's scale
         check_scale(scale)
