@@ -3,15 +3,17 @@
 #
 # Written for the lent H200 (python3 3.12, torch 2.11 cu130, no network). What travels with the call (ignored
 # folders of the repo, never committed): .whl/ (wheels: fa3-fwd, flash-attn-4 and its pure-python deps,
-# nvidia-cutlass-dsl base libs, nvidia-cudnn-frontend), .fa4a/ and .fa4b/ (the 92 MB cu13 CuTe-DSL libs wheel,
-# repacked as two xz tarballs because one call carries at most 64 MiB: .fa4a, with the cudnn-frontend wheel, comes
-# in a call of its own and is kept in /tmp/keep while the machine stays warm), .sage_src/ (SageAttention 2.x source, thu-ml/SageAttention
-# main), .comfy/ (ComfyUI's comfy/ package as comfy.tar.xz, for the end-to-end runs).
+# nvidia-cutlass-dsl base and core libs: the core wheel holds the CuTe Python package, cutlass.cute), .fa4a/ and
+# .fa4b/ (the 92 MB cu13 CuTe-DSL libs wheel, repacked as two xz tarballs because one call carries at most 64 MiB:
+# .fa4a, with the nvidia-cudnn-frontend wheel, comes in a call of its own and is kept in /tmp/keep while the machine
+# stays warm), .sage_src/ (SageAttention 2.x source, thu-ml/SageAttention main; built in /tmp/sage, which also
+# outlives the call while the machine stays warm), .comfy/ (ComfyUI's comfy/ package as comfy.tar.xz, for the
+# end-to-end runs).
 #
 # Stages:
-#   keep      move what this call carried in .fa4a/ to /tmp/keep (call it alone, then the next call within 30 s)
+#   keep      copy what this call carried in .fa4a/ and .fa4b/ to /tmp/keep (the next call must follow within 30 s)
 #   setup     install the wheels into /tmp/site, unpack the CuTe-DSL libs if kept, start the SageAttention build in
-#             the background (sage.log), unpack ComfyUI to /tmp/comfyui
+#             /tmp/sage in the background (/tmp/sage/sage.log) unless it is built or building, unpack ComfyUI
 #   info      python -m genesis_core info, nvidia-smi
 #   waitsage  wait for the SageAttention build (it takes ~200 s on 16 cores)
 #   gputests  pytest -m gpu
@@ -29,7 +31,8 @@ FINAL="${OUT:-$(mktemp -d)}"
 OUT="$FINAL/work"          # everything lands here, and comes back as one archive (a call returns at most 8 files)
 mkdir -p "$OUT" /tmp/keep /tmp/site
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH="/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$REPO/.sage_src:$REPO"
+SAGE=/tmp/sage
+export PYTHONPATH="/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$SAGE:$REPO"
 export GENESIS_CACHE_DIR="$OUT/genesis-cache"
 [ -d /tmp/comfyui/comfy ] && export COMFYUI_PATH=/tmp/comfyui
 fail=0
@@ -45,7 +48,7 @@ run() {  # run NAME TIMEOUT CMD...: one stage, its log in $OUT/NAME.log
 for stage in "$@"; do
   case "$stage" in
     keep)
-      cp -f .fa4a/* /tmp/keep/ 2>/dev/null && ls -la /tmp/keep ;;
+      cp -f .fa4a/* .fa4b/* /tmp/keep/ 2>/dev/null; ls -la /tmp/keep ;;
     setup)
       say "setup"
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -55,10 +58,15 @@ for stage in "$@"; do
         mkdir -p /tmp/comfyui && tar -xJf .comfy/comfy.tar.xz -C /tmp/comfyui && export COMFYUI_PATH=/tmp/comfyui
         echo "ComfyUI at $COMFYUI_PATH"
       fi
-      if [ -f .sage_src/setup.py ] && ! ls .sage_src/sageattention/_qattn_sm90*.so >/dev/null 2>&1; then
-        (cd .sage_src && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=14 EXT_PARALLEL=4 NVCC_APPEND_FLAGS="--threads 4" \
-          nice -n 10 python3 setup.py build_ext --inplace > "$OUT/sage.log" 2>&1; echo "exit $?" >> "$OUT/sage.log") &
-        echo "SageAttention build started in the background (log: sage.log)"
+      if ls $SAGE/sageattention/_qattn_sm90*.so >/dev/null 2>&1; then
+        echo "SageAttention already built in $SAGE"
+      elif pgrep -f "setup.py build_ext" >/dev/null; then
+        echo "SageAttention build still running in $SAGE"
+      elif [ -f .sage_src/setup.py ]; then
+        rm -rf $SAGE && cp -r .sage_src $SAGE
+        (cd $SAGE && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=14 EXT_PARALLEL=4 NVCC_APPEND_FLAGS="--threads 4" \
+          nice -n 10 python3 setup.py build_ext --inplace > $SAGE/sage.log 2>&1; echo "exit $?" >> $SAGE/sage.log) &
+        echo "SageAttention build started in the background (log: $SAGE/sage.log)"
       fi ;;
     info)
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
@@ -66,8 +74,8 @@ for stage in "$@"; do
       run info 120 python3 -m genesis_core info ;;
     waitsage)
       say "waiting for the SageAttention build"
-      for _ in $(seq 1 330); do grep -q "^exit" "$OUT/sage.log" 2>/dev/null && break; sleep 1; done
-      tail -n 5 "$OUT/sage.log"; ls -la .sage_src/sageattention/*.so 2>/dev/null ;;
+      for _ in $(seq 1 330); do grep -q "^exit" $SAGE/sage.log 2>/dev/null && break; sleep 1; done
+      tail -n 5 $SAGE/sage.log; cp $SAGE/sage.log "$OUT/" 2>/dev/null; ls -la $SAGE/sageattention/*.so 2>/dev/null ;;
     gputests)
       run gputests 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
     kernels)
