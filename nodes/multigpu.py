@@ -71,7 +71,8 @@ class GenesisMultiGPU(ComfyUINodeInterface):
     DESCRIPTION = (
         "Runs the model's sampling across GPUs. 'cfg' computes cond and uncond on two GPUs at once (nothing to "
         "gain when CFG = 1); 'sequence' cuts the image/video tokens across the GPUs (Ulysses all-to-all, plus a "
-        "ring when 'ring' > 1; ComfyUI's Flux and Wan models); 'both' does the two. Each GPU gets its own copy of "
+        "ring when 'ring' > 1; ComfyUI's Flux, Wan, SD3 / SD3.5 and HunyuanVideo / HunyuanImage 2.1 models; others "
+        "are refused with the reason); 'both' does the two. Each GPU gets its own copy of "
         "the model once; per step only latents and conditioning travel. The result equals one GPU's within float "
         "tolerance. Empty Ray address: workers on this machine; an address joins a Ray cluster of several hosts. "
         "Only the returned model changes (a clone); the ComfyUI process keeps its own copy of the weights."
@@ -86,7 +87,8 @@ class GenesisMultiGPU(ComfyUINodeInterface):
                 "model": ("MODEL", tooltip("The diffusion model to spread (it is cloned, never changed in place).")),
                 "mode": (list(MODES), tooltip(
                     "cfg: cond and uncond on two GPUs (needs CFG > 1). sequence: the tokens cut across the GPUs "
-                    "(Flux, Wan). both: two CFG branches, each cutting its tokens across half the GPUs.",
+                    "(Flux, Wan, SD3, HunyuanVideo). both: two CFG branches, each cutting its tokens across half "
+                    "the GPUs.",
                     default="cfg")),
                 "gpus": ("STRING", tooltip(
                     "Which workers: a count (2, 4, 8), GPU indices of this machine (0,1,3), or empty for every GPU "

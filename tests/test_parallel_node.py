@@ -80,7 +80,7 @@ def test_returns_a_clone_with_the_wrapper_and_leaves_the_input_alone():
     assert (s.cfg, s.ulysses, s.ring, s.use_gpu) == (2, 2, 2, False)
     with pytest.raises(ValueError, match="12 attention heads do not divide among 8 Ulysses ranks"):
         NODE().execute(model, mode="sequence", gpus="8", ring=1, workers="cpu")
-    with pytest.raises(ValueError, match="supports ComfyUI's Flux and Wan"):
+    with pytest.raises(ValueError, match="supports ComfyUI's Flux, Wan .*SD3.* HunyuanVideo.* this model is Linear"):
         NODE().execute(_Model(torch.nn.Linear(2, 2)), mode="sequence", gpus="2", workers="cpu")
     (cfg_clone,) = NODE().execute(_Model(torch.nn.Linear(2, 2)), mode="cfg", gpus="2", workers="cpu")  # any model
     assert cfg_clone.model_options["model_function_wrapper"].settings.cfg == 2

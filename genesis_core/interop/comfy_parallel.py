@@ -1,16 +1,11 @@
-"""ComfyUI models across GPUs: token sharding inside ComfyUI's block patches, the sequence-parallel attention
-override, the worker-side model builders, and the model function wrapper that sends each model call to the workers.
+"""ComfyUI models across GPUs: the worker-side model builders and the model function wrapper that sends each
+model call to the workers.
 
-Sequence mode (ComfyUI's Flux and Wan ``WanModel``): every rank runs the whole model on its shard of the image /
-video tokens. ``transformer_options["patches_replace"]["dit"]`` patches on every block cut the tokens (and the
-RoPE frequencies with them, so each token keeps its position) at the first block and all-gather them after the
-last; text tokens stay whole on every rank. The ``optimized_attention_override`` turns each self-attention over
-the shards into :func:`~genesis_core.parallel.sequence.sequence_attention` (Flux: text tokens joint in front);
-any other call (Wan's cross-attention to the replicated text) runs locally through Genesis. Shards are padded
-to at least ``text length + 1`` tokens, so a self-attention call is never mistaken for a cross-attention one.
-
-CFG mode: the batched cond+uncond call is split by ``cond_or_uncond`` across two groups of workers
-(:mod:`genesis_core.parallel.cfg`). Both modes combine.
+Sequence mode (:mod:`.comfy_parallel_models`: ComfyUI's Flux, Wan, SD3 and HunyuanVideo): every rank runs the
+whole model on its shard of the image / video tokens, cut and joined by block patches; the attention override of
+:mod:`.comfy_parallel_attn` makes every self-attention over the shards exact. CFG mode: the batched cond+uncond
+call is split by ``cond_or_uncond`` across two groups of workers (:mod:`genesis_core.parallel.cfg`). Both modes
+combine.
 
 :class:`MultiGPUModelFunction` is a ComfyUI ``model_function_wrapper``: in the ComfyUI process it sends the model
 once to the workers (weights as ComfyUI has them, weight patches such as LoRA applied there by ComfyUI's own
@@ -23,234 +18,20 @@ import importlib
 import os
 import pickle
 import sys
-import threading
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
-from .._log import log_once, logger
+from .._log import logger
 from ..compute._tree import map_tensors
-from ..parallel.sequence import sequence_attention
 from ..parallel.session import ParallelSettings, close_sessions, session_for  # noqa: F401 (re-exported)
-from ..parallel.shard import gather_tokens, split_tokens
-from .comfy_adapter import GenesisAttentionOverride, comfy_attention
+from .comfy_adapter import GenesisAttentionOverride
+from .comfy_parallel_attn import SequenceAttentionOverride
+from .comfy_parallel_models import SUPPORTED, model_family, sequence_support, sequence_transformer_options
 
 __all__ = ["SequenceAttentionOverride", "model_family", "sequence_support", "sequence_transformer_options",
            "build_diffusion_runner", "build_base_model_runner", "base_model_payload", "MultiGPUModelFunction",
-           "ParallelSettings"]
-
-_active = threading.local()  # the shard of the block now running on this thread (set by the block patches)
-
-
-@dataclass
-class _Shard:
-    total: int          # real tokens of the whole sharded sequence
-    length: int         # padded tokens per rank
-    real: List[int]     # real tokens per rank
-    joint_front: int    # replicated tokens in front of the shard inside self-attention (Flux: text)
-    pe: Any             # this rank's RoPE frequencies
-    vec: Any            # this rank's modulation (Wan per-token timesteps) or the whole one
-
-
-_PARAMS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
-
-
-def _bind(args, kwargs) -> Dict[str, Any]:
-    """ComfyUI's attention arguments by name (``fn(q, k, v, heads, mask=None, attn_precision=None,
-    skip_reshape=False, skip_output_reshape=False, **kwargs)``); other kwargs are dropped."""
-    if len(args) > len(_PARAMS):
-        raise TypeError(f"ComfyUI attention takes at most {len(_PARAMS)} positional arguments; got {len(args)}")
-    bound = dict(zip(_PARAMS, args))
-    bound.update({k: v for k, v in kwargs.items() if k in _PARAMS})
-    missing = [p for p in _PARAMS[:4] if p not in bound]
-    if missing:
-        raise TypeError(f"ComfyUI attention call is missing {', '.join(missing)}")
-    return bound
-
-
-class SequenceAttentionOverride:
-    """``optimized_attention_override`` for sharded models: self-attention over the shards goes through
-    :func:`sequence_attention`, every other call through Genesis attention on this rank alone."""
-
-    def __init__(self, mesh, backend: str = "auto", ring_impl: str = "ring"):
-        self.mesh, self.backend, self.ring_impl = mesh, backend, ring_impl
-        self.sharded_calls = 0
-        self.local_calls = 0
-
-    def __deepcopy__(self, memo: dict) -> "SequenceAttentionOverride":
-        return self
-
-    def __call__(self, func, *args: Any, **kwargs: Any) -> torch.Tensor:
-        bound = _bind(args, kwargs)
-        st: Optional[_Shard] = getattr(_active, "shard", None)
-        q, k, v, heads = bound["q"], bound["k"], bound["v"], bound["heads"]
-        skip_in, skip_out = bool(bound.get("skip_reshape", False)), bool(bound.get("skip_output_reshape", False))
-        nq, nk = (q.shape[2], k.shape[2]) if skip_in else (q.shape[1], k.shape[1])
-        want = None if st is None else st.joint_front + st.length
-        if st is None or nq != want or nk != want:
-            self.local_calls += 1
-            return comfy_attention(q, k, v, heads, bound.get("mask"), bound.get("attn_precision"), skip_in, skip_out,
-                                   backend=self.backend)
-        if bound.get("mask") is not None:
-            raise ValueError("sequence mode cannot shard an attention mask; this model call passes one (shape "
-                             f"{tuple(bound['mask'].shape)}); use mode 'cfg'")
-        if skip_in:
-            qq, kk, vv, layout = q, k, v, "BHND"
-        else:
-            b = q.shape[0]
-            qq, kk, vv = (t.reshape(b, t.shape[1], heads, -1) for t in (q, k, v))
-            layout = "BNHD"
-        out = sequence_attention(qq, kk, vv, self.mesh, real=st.real, joint_front=st.joint_front, layout=layout,
-                                 backend=self.backend, ring_impl=self.ring_impl)
-        self.sharded_calls += 1
-        if layout == "BHND":
-            return out if skip_out else out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
-        return out.transpose(1, 2) if skip_out else out.reshape(out.shape[0], out.shape[1], -1)
-
-
-# ---------------------------------------------------------------- which models, and their block patches
-
-
-def model_family(diffusion_model) -> Optional[str]:
-    """``"wan"`` / ``"flux"`` for ComfyUI's WanModel / Flux (their own forward, not a subclass's), else None."""
-    fo = getattr(type(diffusion_model), "forward_orig", None)
-    return {"WanModel.forward_orig": "wan", "Flux.forward_orig": "flux"}.get(getattr(fo, "__qualname__", ""))
-
-
-def sequence_support(diffusion_model, ulysses: int, ring: int = 1) -> Optional[str]:
-    """None if ``diffusion_model`` can be sharded ``ulysses x ring`` ways, else the reason as a sentence."""
-    name = type(diffusion_model).__name__
-    family = model_family(diffusion_model)
-    if family is None:
-        return (f"sequence mode supports ComfyUI's Flux and Wan (WanModel) diffusion models; this model is {name} "
-                f"(its blocks take inputs Genesis does not know how to shard); use mode 'cfg'")
-    heads = int(getattr(diffusion_model, "num_heads", 0))
-    if ulysses > 1 and heads % ulysses:
-        return (f"the model's {heads} attention heads do not divide among {ulysses} Ulysses ranks; choose a ring "
-                f"degree so that gpus / ring divides {heads}")
-    if family == "flux" and len(diffusion_model.double_blocks) == 0:
-        return "this Flux configuration has no double blocks, where Genesis cuts the image tokens"
-    return None
-
-
-def _split(mesh, x: torch.Tensor, dim: int, minimum: int = 0):
-    return split_tokens(x, mesh.shard_index, mesh.sequence_degree, dim=dim, minimum=minimum)
-
-
-def _gather(mesh, x: torch.Tensor, real: List[int], dim: int = 1) -> torch.Tensor:
-    return gather_tokens(x, real, group=mesh.sequence_group, dim=dim)
-
-
-class _Blocks:
-    """Per-forward shard state shared by one model's block patches (thread-local: one forward per thread)."""
-
-    def __init__(self, mesh):
-        self.mesh = mesh
-        self._tls = threading.local()
-
-    def _run(self, st: _Shard, original, args: Dict[str, Any]):
-        _active.shard = st
-        try:
-            return dict(original(args))
-        finally:
-            _active.shard = None
-
-
-class _WanBlocks(_Blocks):
-    def __init__(self, mesh, n_blocks: int):
-        super().__init__(mesh)
-        self.n = n_blocks
-
-    def patch(self, i: int):
-        def wan_block(args: Dict[str, Any], extra: Dict[str, Any]):
-            if i == 0:
-                x, pe, vec, txt = args["img"], args["pe"], args["vec"], args["txt"]
-                n = x.shape[1]
-                minimum = txt.shape[1] + 1  # cross-attention keys are never as many as a shard
-                x, length, real = _split(self.mesh, x, 1, minimum)
-                if pe is None or pe.shape[1] != n:
-                    raise ValueError(f"Wan sequence mode: RoPE frequencies must have one row per token ({n}); got "
-                                     f"{None if pe is None else tuple(pe.shape)}")
-                pe = _split(self.mesh, pe, 1, minimum)[0]
-                if vec.dim() >= 2 and vec.shape[1] == n and n > 1:  # per-token timesteps (Wan 2.2 TI2V)
-                    vec = _split(self.mesh, vec, 1, minimum)[0]
-                elif vec.dim() >= 2 and vec.shape[1] != 1:
-                    raise ValueError(f"Wan sequence mode: a modulation with {vec.shape[1]} rows for {n} tokens "
-                                     "cannot be sharded; use mode 'cfg'")
-                self._tls.st = _Shard(n, length, real, 0, pe, vec)
-            st = self._tls.st
-            out = self._run(st, extra["original_block"], {**args, "img": args["img"] if i else x, "pe": st.pe,
-                                                          "vec": st.vec})
-            if i == self.n - 1:
-                out["img"] = _gather(self.mesh, out["img"], st.real)
-                self._tls.st = None
-            return out
-
-        return wan_block
-
-
-class _FluxBlocks(_Blocks):
-    def __init__(self, mesh, n_double: int, n_single: int):
-        super().__init__(mesh)
-        self.n_double, self.n_single = n_double, n_single
-
-    def double(self, i: int):
-        def flux_double_block(args: Dict[str, Any], extra: Dict[str, Any]):
-            if args.get("attn_mask") is not None:
-                raise ValueError("Flux sequence mode cannot shard an attention mask; use mode 'cfg'")
-            img = args["img"]
-            if i == 0:
-                nt, ni = args["txt"].shape[1], img.shape[1]
-                img, length, real = _split(self.mesh, img, 1)
-                pe = args["pe"]
-                if pe is not None:
-                    pe = torch.cat((pe.narrow(2, 0, nt), _split(self.mesh, pe.narrow(2, nt, ni), 2)[0]), dim=2)
-                self._tls.st = _Shard(ni, length, real, nt, pe, None)
-            st = self._tls.st
-            out = self._run(st, extra["original_block"], {**args, "img": img, "pe": st.pe})
-            if i == self.n_double - 1 and self.n_single == 0:
-                out["img"] = _gather(self.mesh, out["img"], st.real)
-                self._tls.st = None
-            return out
-
-        return flux_double_block
-
-    def single(self, i: int):
-        def flux_single_block(args: Dict[str, Any], extra: Dict[str, Any]):
-            if args.get("attn_mask") is not None:
-                raise ValueError("Flux sequence mode cannot shard an attention mask; use mode 'cfg'")
-            st = self._tls.st
-            out = self._run(st, extra["original_block"], {**args, "pe": st.pe})
-            if i == self.n_single - 1:
-                x, nt = out["img"], st.joint_front
-                out["img"] = torch.cat((x.narrow(1, 0, nt), _gather(self.mesh, x.narrow(1, nt, x.shape[1] - nt),
-                                                                     st.real)), dim=1)
-                self._tls.st = None
-            return out
-
-        return flux_single_block
-
-
-def sequence_transformer_options(diffusion_model, mesh, backend: str = "auto", ring_impl: str = "ring") -> Dict[str, Any]:
-    """``transformer_options`` that shard ``diffusion_model`` over ``mesh``'s sequence group (raises if it cannot)."""
-    reason = sequence_support(diffusion_model, mesh.ulysses, mesh.ring)
-    if reason:
-        raise ValueError(reason)
-    family = model_family(diffusion_model)
-    dit: Dict[Any, Any] = {}
-    if family == "wan":
-        blocks = _WanBlocks(mesh, len(diffusion_model.blocks))
-        for i in range(blocks.n):
-            dit[("double_block", i)] = blocks.patch(i)
-    else:
-        blocks = _FluxBlocks(mesh, len(diffusion_model.double_blocks), len(diffusion_model.single_blocks))
-        for i in range(blocks.n_double):
-            dit[("double_block", i)] = blocks.double(i)
-        for i in range(blocks.n_single):
-            dit[("single_block", i)] = blocks.single(i)
-    return {"patches_replace": {"dit": dit},
-            "optimized_attention_override": SequenceAttentionOverride(mesh, backend, ring_impl)}
+           "ParallelSettings", "SUPPORTED"]
 
 
 def _worker_options(diffusion_model, mesh, options: Dict[str, Any]) -> Dict[str, Any]:
