@@ -592,3 +592,30 @@ def test_kernels_gpu_script_measures_the_backends_that_run(tmp_path, capsys, fak
     paths = [r for r in result["sage_dispatch"] if r["status"] == "ok"]
     assert len(paths) == 6 and all(r["ms"] > 0 for r in paths)
     assert "old Genesis path" in capsys.readouterr().out
+
+
+def test_sage_edges_script_flags_a_kernel_that_writes_nan(tmp_path, capsys, monkeypatch):
+    """The edge sweep's dry run: correct backends pass every cell; a backend whose output is NaN for a single key
+    (what SageAttention did on the H200) is reported per cell and counted by what the failures share."""
+    spec = importlib.util.spec_from_file_location("sage_edges", REPO / "scripts/gpu/sage_edges.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--cpu-dry-run", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "sage_edges.json").read_text())
+    cells = result["backends"]["pytorch"]["cells"]
+    assert len(cells) == 4 and all(c["ok"] and c["rel"] < 1e-5 for c in cells)
+    b = registry.get("sdpa")
+    real = b.run
+
+    def nan_for_one_key(call):
+        out = real(call)
+        return out * float("nan") if call.kv_len == 1 else out
+
+    monkeypatch.setattr(b, "run", nan_for_one_key)
+    capsys.readouterr()
+    assert script.main(["--cpu-dry-run", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    cells = json.loads((tmp_path / "sage_edges.json").read_text())["backends"]["sdpa"]["cells"]
+    assert [c["ok"] for c in cells] == [c["nk"] != 1 for c in cells]
+    assert "sdpa: 4 ran, 0 refused by limits, 2 failed" in printed and "by nk: 1: 2/2" in printed
+    assert "nq 1 nk 1 d 16 float32: NaN/Inf" in printed

@@ -21,6 +21,8 @@
 #   fp8       scripts/gpu/fp8_gpu.py          (FP8 attention, the fused quantisation, its error)
 #   bench     python -m genesis_core bench    (the BENCHMARKS.md run; bench_gpu.sh)
 #   e2e       scripts/gpu/comfy_e2e_gpu.py    (ComfyUI's Wan 1.3B, Flux, SDXL; needs .comfy)
+#   edges     scripts/gpu/sage_edges.py       (small shapes where SageAttention / FP8 kernels write NaN or lose accuracy)
+#   fp8prof   scripts/gpu/fp8_profile.py      (device time per kernel and host time per call of the FP8 paths)
 #   scaleout  scripts/gpu/scaleout.py --gpus 1 (the single-GPU path of the multi-GPU benchmark)
 # Every stage writes under $OUT (logs and JSON) and goes on after a failing stage; the exit code says whether any
 # stage failed.
@@ -93,6 +95,10 @@ for stage in "$@"; do
         ${GPUSUB_TESTS:-tests/test_gpu_fp8.py tests/test_masked_rows.py tests/test_gpu_flash_sage.py} ;;
     e2e)
       run e2e 330 python3 scripts/gpu/comfy_e2e_gpu.py --out "$OUT" --budget-s "${E2E_BUDGET_S:-270}" ;;
+    edges)
+      run edges 180 python3 scripts/gpu/sage_edges.py --out "$OUT" ;;
+    fp8prof)
+      run fp8prof 120 python3 scripts/gpu/fp8_profile.py --out "$OUT" ;;
     scaleout)
       run scaleout 240 python3 scripts/gpu/scaleout.py --gpus 1 --json "$OUT/scaleout.json" ${SCALEOUT_ARGS:-} ;;
     *)

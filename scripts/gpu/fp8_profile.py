@@ -1,0 +1,106 @@
+"""Where does the time of an FP8 attention call go? Device time per kernel and host time per call of the
+``fa3_fp8`` and ``fp8_cudnn`` whole paths (quantise, attend, dequantise) on Flux and Wan 480p shapes, inputs as
+ComfyUI makes them (contiguous [B, N, H, D], BHND views). About 20 s on the lent H200:
+
+    PYTHONPATH=/tmp/site:$PWD python3 scripts/gpu/fp8_profile.py --out $OUT
+
+Per backend and shape: the CUDA time of every kernel the call launches (torch.profiler, 10 calls), the
+wall time per call back to back (what a model pays when the GPU is the bottleneck), and the host time per call
+(the Python side alone: launches queued behind a long sleep kernel, so the GPU never waits for them). Writes
+fp8_profile.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from genesis_core.attn import registry  # noqa: E402
+from genesis_core.attn.types import AttentionCall  # noqa: E402
+
+SHAPES = {"flux": (1, 24, 4608, 128), "wan480": (1, 40, 32760, 128)}
+BACKENDS = ("fa3_fp8", "fp8_cudnn", "fa3", "sdpa_cudnn")
+CALLS = 10
+
+
+def make_call(b, h, n, d):
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    return AttentionCall(q, k, v, None, d ** -0.5)
+
+
+def kernels(run, call):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(CALLS):
+            run(call)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0 and e.count >= CALLS:
+            rows.append({"kernel": e.key[:90], "calls": e.count // CALLS, "us_per_call": t / CALLS})
+    return sorted(rows, key=lambda r: -r["us_per_call"])[:8]
+
+
+def wall_ms(run, call, reps=20):
+    for _ in range(3):
+        run(call)
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        run(call)
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps
+
+
+def host_us(run, call, reps=20):
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))  # ~1 s of GPU work in front: every launch below only queues
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        run(call)
+    host = (time.perf_counter() - t0) / reps * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=".")
+    args = p.parse_args(argv)
+    result, lines = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}, []
+    for shape, dims in SHAPES.items():
+        call = make_call(*dims)
+        for name in BACKENDS:
+            b = registry.get(name)
+            why = b.available() or b.reason_for(call)
+            if why is not None:
+                lines.append(f"{shape:7s} {name:11s} not run: {why}")
+                continue
+            try:
+                row = {"shape": shape, "backend": name, "wall_ms": wall_ms(b.run, call),
+                       "host_us": host_us(b.run, call), "kernels": kernels(b.run, call)}
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                lines.append(f"{shape:7s} {name:11s} failed: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            result["rows"].append(row)
+            lines.append(f"{shape:7s} {name:11s} {row['wall_ms']:8.3f} ms/call back to back, host {row['host_us']:7.1f} us")
+            lines += [f"        {k['us_per_call']:9.1f} us x{k['calls']} {k['kernel']}" for k in row["kernels"]]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "fp8_profile.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
