@@ -39,6 +39,12 @@ VARIANTS: Dict[str, Tuple[str, Tuple[int, int], str]] = {
 }
 
 
+# Shortest key sequence each kernel is served for. One smoothed key is all zeros (NaN from every kernel, seen at
+# Nq = Nk = 1); sage2_fp16 (sageattn_qk_int8_pv_fp16_cuda) wrote NaN for every Nk from 2 to 32 and none from 33 to
+# 300 in a sweep of Nq 1-300, head dims 40-128, float16 and bfloat16 on an H200 (2026-12-02, scripts/gpu/sage_edges.py).
+MIN_KV_LEN = {"sage2_fp8": 2, "sage2_fp16": 33, "sage2_triton": 2}
+
+
 def kernel_for(name: str, cap: Tuple[int, int]) -> Tuple[str, dict, Optional[str]]:
     """(function in sageattention, keyword arguments, the core.py flag saying its extension loaded) of a variant
     on compute capability ``cap``."""
@@ -113,7 +119,8 @@ class _Variant:
                 description=self.description,
                 version=sage.version,
                 limits=Limits(devices=("cuda",), dtypes=HALF, max_head_dim=sage.MAX_HEAD_DIM_2X, equal_v_head_dim=True,
-                              mask=False, autograd=False, min_capability=self.min_cap, min_kv_len=2),
+                              mask=False, autograd=False, min_capability=self.min_cap,
+                              min_kv_len=MIN_KV_LEN[self.name]),
                 precision=self.precision,
             ),
             rank=rank,
