@@ -309,6 +309,14 @@ def test_probe_names_an_import_error(fakes, name, modules):
     assert "import failed" in reason
 
 
+def test_fa4_without_the_cute_package_names_the_wheel_that_holds_it(fakes):
+    """What the H200 run of 2026-12-01 hit: nvidia-cutlass-dsl installed with --no-deps, no cutlass.cute."""
+    fakes.broken(["flash_attn", "flash_attn.cute"], ModuleNotFoundError("No module named 'cutlass.cute'"))
+    fakes.mp.setattr(_flash_pkg, "installed", lambda m: m in ("flash_attn", "flash_attn.cute"))
+    reason = registry.get("fa4").available()
+    assert "No module named 'cutlass.cute'" in reason and "nvidia-cutlass-dsl-libs-core" in reason, reason
+
+
 @pytest.mark.parametrize("mode, pattern", [
     ("wrong", r"returns wrong results: relative L2 error [0-9.e+-]+ against float64 \(allowed 0.0[12]\)"),
     ("zeros", r"returns output memory it never wrote \(all zeros where the float64 reference is not\)"),
@@ -351,6 +359,16 @@ def test_poisoning_is_a_no_op_off_cuda():
 
 
 # ------------------------------------------------------------------ the umbrella
+
+
+def test_flash_prefers_fa3_over_fa4_on_hopper_only(fakes, monkeypatch):
+    fakes.fa4(Recorder(returns_tuple=True)), fakes.fa3(Recorder()), fakes.fa2(Recorder())
+    fb = registry.get("flash")
+    for cap, first in (((9, 0), "fa3"), ((10, 0), "fa4"), ((8, 6), "fa4")):
+        monkeypatch.setattr(flash, "_capability", lambda device, cap=cap: cap)
+        fb.reprobe()
+        assert [b.name for b in flash.members()][:2] == [first, ({"fa3", "fa4"} - {first}).pop()], cap
+        assert fb.description().startswith(first)
 
 
 def test_flash_prefers_fa4_then_fa3_then_fa2_then_pytorch(fakes):

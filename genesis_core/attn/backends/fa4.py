@@ -32,6 +32,7 @@ from ..types import AttentionCall
 from . import _flash_pkg as pkg
 
 PIP = "pip install flash-attn-4 (it pulls nvidia-cutlass-dsl; on CUDA 13: pip install 'flash-attn-4[cu13]')"
+CORE_PIP = "pip install nvidia-cutlass-dsl-libs-core matching your nvidia-cutlass-dsl version"
 LIMITS = Limits(dtypes=HALF, devices=("cuda",), max_head_dim=256, head_dim_multiple=8, equal_v_head_dim=True,
                 mask=False, min_capability=(9, 0), autograd=False)
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -59,7 +60,11 @@ def _probe() -> Optional[str]:
     try:
         fn = pkg.import_module("flash_attn.cute").flash_attn_func
     except Exception as exc:
-        return f"import failed: {first_line(exc)} ({PIP})"
+        text = first_line(exc)
+        if "cutlass.cute" in text or "cutlass'" in text:
+            return (f"import failed: {text} (the CuTe Python package comes in nvidia-cutlass-dsl-libs-core, which "
+                    f"nvidia-cutlass-dsl-libs-base requires; an install made with --no-deps misses it: {CORE_PIP})")
+        return f"import failed: {text} ({PIP})"
     _fn = fn
     why = pkg.probe_call(run, device, torch.bfloat16, TOLERANCE[torch.bfloat16], head_dim=PROBE_HEAD_DIM,
                          refusal=backend.refusal)
