@@ -5,13 +5,21 @@ from __future__ import annotations
 from typing import Tuple
 
 from ..genesis_core._log import log_once
-from ..genesis_core.attn import backend_name
+from ..genesis_core.attn import QUALITY_LEVELS, backend_name
 from ..genesis_core.comfyui import ComfyUINodeInterface, register_comfyui_node
 from ..genesis_core.interop.comfy_parallel import MultiGPUModelFunction, ParallelSettings, sequence_support
 from ._common import ATTENTION_CHOICES, tooltip
 
 MODES = ["cfg", "sequence", "both"]
 NODE = "GenesisMultiGPU"
+QUALITY_TOOLTIP = (
+    "Quality budget of each worker's attention, as on the Genesis Attention Switch: exact (only kernels in the "
+    "model's own precision), high (also SageAttention's INT8 kernels), fast (also FP8 kernels); lower levels are "
+    "checked against a float64 reference on the live inputs. A Genesis Attention Switch on this model governs "
+    "instead (its quality and exact steps, one choice for both). An explicit lossy attention (sage) runs at least "
+    "at the level it needs. Ring blocks (ring > 1) always run exact: they need a log-sum-exp only PyTorch's SDPA "
+    "returns."
+)
 
 
 def parse_gpus(text: str, use_gpu: bool, address: str) -> Tuple[int, tuple]:
@@ -75,7 +83,9 @@ class GenesisMultiGPU(ComfyUINodeInterface):
         "are refused with the reason); 'both' does the two. Each GPU gets its own copy of "
         "the model once; per step only latents and conditioning travel. The result equals one GPU's within float "
         "tolerance. Empty Ray address: workers on this machine; an address joins a Ray cluster of several hosts. "
-        "Only the returned model changes (a clone); the ComfyUI process keeps its own copy of the weights."
+        "Only the returned model changes (a clone); the ComfyUI process keeps its own copy of the weights. The "
+        "workers' attention runs at 'quality', or at a Genesis Attention Switch's quality and exact steps when the "
+        "model has one."
     )
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("A clone of the model whose sampling runs across the chosen GPUs.",)
@@ -108,11 +118,12 @@ class GenesisMultiGPU(ComfyUINodeInterface):
                 "attention": (list(ATTENTION_CHOICES), tooltip(
                     "Genesis attention backend for each worker's local attention (auto = measured choice).",
                     default="auto")),
+                "quality": (list(QUALITY_LEVELS), tooltip(QUALITY_TOOLTIP, default="exact")),
             },
         }
 
     def execute(self, model, mode: str = "cfg", gpus: str = "2", ring: int = 1, ray_address: str = "",
-                workers: str = "gpu", attention: str = "auto"):
+                workers: str = "gpu", attention: str = "auto", quality: str = "exact"):
         if not hasattr(model, "clone") or not hasattr(model, "model_options"):
             raise ValueError(f"{NODE}: input 'model' must be a ComfyUI MODEL; got a {type(model).__name__}")
         if workers not in ("gpu", "cpu"):
@@ -121,6 +132,8 @@ class GenesisMultiGPU(ComfyUINodeInterface):
             backend = backend_name(attention)
         except ValueError as exc:
             raise ValueError(f"{NODE}: input 'attention': {exc}") from None
+        if quality not in QUALITY_LEVELS:
+            raise ValueError(f"{NODE}: input 'quality' must be one of {', '.join(QUALITY_LEVELS)}; got {quality!r}")
         address = (ray_address or "").strip()
         use_gpu = workers == "gpu"
         count, ids = parse_gpus(gpus, use_gpu, address)
@@ -131,7 +144,7 @@ class GenesisMultiGPU(ComfyUINodeInterface):
             if reason:
                 raise ValueError(f"{NODE}: mode '{mode}' cannot split this model: {reason}")
         settings = ParallelSettings(cfg=cfg, ulysses=ulysses, ring=ring_degree, use_gpu=use_gpu, address=address,
-                                    gpu_ids=ids, backend=backend)
+                                    gpu_ids=ids, backend=backend, quality=quality)
         patched = model.clone()
         previous = patched.model_options.get("model_function_wrapper")
         if previous is not None and not isinstance(previous, MultiGPUModelFunction):

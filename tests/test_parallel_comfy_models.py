@@ -78,6 +78,28 @@ def one_process(ctx, payload, inputs):
         return model(inputs["x"], inputs["timestep"], transformer_options={}, **inputs["conds"])
 
 
+FAKE = "fp8_comfy_test"
+_FAKE_RUNS = []
+
+
+def fake_backend(ctx, on):
+    """Register (on) / drop (off) an fp8-class test backend that computes exact SDPA and records the query
+    length of each run, and make it what ``auto`` resolves to on this rank (so only the call's quality budget
+    decides whether it may serve); return the query lengths it has run so far on this rank."""
+    from genesis_core.attn import dispatch, registry
+    from genesis_core.attn.registry import Backend
+
+    if on and FAKE not in registry.names():
+        registry.register(Backend(name=FAKE, probe=lambda: None, description=lambda: "recording test kernel",
+                                  run=lambda call: (_FAKE_RUNS.append(call.q_len), registry.get("sdpa").run(call))[1],
+                                  precision="fp8"))
+        dispatch.set_default_backend(FAKE)
+    elif not on:
+        dispatch.set_default_backend("auto")
+        registry.unregister(FAKE)
+    return list(_FAKE_RUNS)
+
+
 def runner_stats(ctx, key):
     runner = ctx.cache["models"][key]
     o = runner.transformer_options.get("optimized_attention_override")
@@ -299,6 +321,36 @@ def test_cfg_one_runs_on_the_first_branch_and_says_why(pool2, genesis_log):
     got, _, _ = run_parallel(pool2, payload, inputs, cfg=2, ulysses=1, ring=1, cond_or_uncond=[0])
     assert_close(got, want)
     assert any("CFG = 1" in m and "nothing to split" in m for m in genesis_log)
+
+
+@pytest.mark.parametrize("cfg,ulysses,ring,ring_impl", [(1, 2, 1, "ring"), (1, 1, 2, "allgather"), (2, 1, 1, "ring")])
+def test_the_quality_level_reaches_the_workers_attention(pool2, cfg, ulysses, ring, ring_impl):
+    """The level a model is loaded with, then the one each call carries, governs every attention call on the
+    workers: sharded, local (the text refiner) and CFG-only: an fp8-class backend serves at 'fast' only."""
+    from genesis_core.interop.comfy_parallel import QUALITY_KEY, build_diffusion_runner
+
+    batch, cou = (2, [0, 1]) if cfg == 2 else (1, None)
+    payload = payload_for(pool2, HUNYUAN)
+    inputs = hunyuan_inputs(torch.Generator().manual_seed(3), batch, 2, 4, 6, mask="binary")
+    want = pool2.run(one_process, payload, inputs)[0]
+    pool2.run(fake_backend, True)
+    try:
+        session = ParallelSession(pool2, cfg=cfg, ulysses=ulysses, ring=ring)
+        for loaded, extras, ran in (("exact", None, False), ("exact", {QUALITY_KEY: "fast"}, True),
+                                    ("exact", {QUALITY_KEY: "high"}, False), ("exact", {}, False),
+                                    ("fast", None, True), ("fast", {QUALITY_KEY: "exact"}, False)):
+            if loaded != getattr(session, "loaded", None):
+                session.load(build_diffusion_runner, payload, {"backend": "auto", "quality": loaded,
+                                                               "ring_impl": ring_impl})
+                session.loaded = loaded
+            before = pool2.run(fake_backend, True)
+            got = session.call(inputs["x"], inputs["timestep"], inputs["conds"], cou, extras)
+            assert_close(got, want)
+            runs = [set(a[len(b):]) for a, b in zip(pool2.run(fake_backend, True), before)]
+            # at 'fast' both kinds of call: the image tokens' attention (sharded or CFG) and the text refiner's
+            assert all(len(r) == 2 for r in runs) if ran else runs == [set(), set()], (extras, runs)
+    finally:
+        pool2.run(fake_backend, False)
 
 
 def support_of(ctx, spec, overrides, ulysses, ring):

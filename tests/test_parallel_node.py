@@ -102,3 +102,97 @@ def test_example_workflow_uses_the_node_with_valid_inputs():
     sampler = [n for n in workflow.values() if n["class_type"] == "KSampler"][0]
     assert sampler["inputs"]["model"][0] == [k for k, n in workflow.items() if n["class_type"] == "GenesisMultiGPU"][0]
     assert sampler["inputs"]["cfg"] > 1  # cfg branches need CFG > 1
+
+
+class _Session:
+    """Stands in for the workers: records what the wrapper loads and what each call carries."""
+
+    def __init__(self):
+        self.model_id, self.pool, self.sent = None, type("Pool", (), {"world_size": 2})(), []
+
+    def load(self, builder, payload, options):
+        self.sent.append(("load", dict(options)))
+
+    def call(self, x, t, conds, cond_or_uncond, extras):
+        self.sent.append(("call", dict(extras)))
+        return x
+
+
+@pytest.fixture
+def workers(monkeypatch):
+    cp = __import__(mg.MultiGPUModelFunction.__module__, fromlist=["session_for"])
+    session = _Session()
+    monkeypatch.setattr(cp, "session_for", lambda settings: session)
+    monkeypatch.setattr(cp, "base_model_payload", lambda base_model: {})
+    return cp, session
+
+
+class _Base:
+    """Just what the wrapper touches of a ComfyUI BaseModel."""
+
+    diffusion_model = None
+
+    def apply_model(self, *args, **kwargs):
+        raise AssertionError("the wrapper must not run the model in the ComfyUI process")
+
+
+def _levels(wrapper, session, options):
+    """The quality level each model call sends, for one call per transformer_options in ``options``."""
+    import torch
+
+    x = torch.zeros(2, 1)
+    for to in options:
+        wrapper(_Base().apply_model, {"input": x, "timestep": torch.zeros(2), "c": {"transformer_options": to},
+                                      "cond_or_uncond": [0, 1]})
+    return [extras["genesis_quality"] for kind, extras in session.sent if kind == "call"]
+
+
+def test_the_workers_quality_comes_from_the_node_then_from_an_attention_switch(workers, genesis_log):
+    import torch
+
+    cp, session = workers
+    node = lambda **kw: NODE().execute(_Model(), mode="cfg", gpus="2", workers="cpu", **kw)[0]  # noqa: E731
+    wrapper = node(quality="fast").model_options["model_function_wrapper"]
+    assert wrapper.settings.quality == "fast" and _levels(wrapper, session, [{}, {}]) == ["fast", "fast"]
+    assert session.sent[0] == ("load", {"backend": "auto", "ring_impl": "ring", "quality": "fast"})
+    session.sent.clear()
+    assert _levels(node().model_options["model_function_wrapper"], session, [{}]) == ["exact"]  # the default
+    session.sent.clear()
+    # an explicit lossy backend runs at least at the level it needs, as the Attention Switch does
+    assert _levels(node(attention="sage").model_options["model_function_wrapper"], session, [{}]) == ["high"]
+    session.sent.clear()
+    # a Genesis Attention Switch on the model governs: its quality, its first and last step held at exact
+    switch = cp.GenesisAttentionOverride("auto", quality="high", exact_steps=1)
+    schedule = torch.linspace(1.0, 0.0, 6)  # 5 steps
+    steps = [{"optimized_attention_override": switch, "sample_sigmas": schedule, "sigmas": schedule[i:i + 1]}
+             for i in range(5)]
+    assert _levels(wrapper, session, steps) == ["exact", "high", "high", "high", "exact"]
+    assert any("Attention Switch quality ('high', exact_steps=1)" in m and "does not apply" in m for m in genesis_log)
+    with pytest.raises(ValueError, match="input 'quality' must be one of exact, high, fast; got 'best'"):
+        node(quality="best")
+
+
+def test_settings_without_a_quality_take_the_process_default_and_share_a_session(workers):
+    cp, session = workers
+    settings = cp.ParallelSettings(cfg=2)
+    assert settings == cp.ParallelSettings(cfg=2, quality="fast")  # the level travels per call, not per pool
+    assert hash(settings) == hash(cp.ParallelSettings(cfg=2, quality="fast"))
+    with pytest.raises(ValueError, match="quality must be one of exact, high, fast; got 'fastest'"):
+        cp.ParallelSettings(quality="fastest")
+    try:
+        cp._quality.set_default("high")
+        assert _levels(cp.MultiGPUModelFunction(settings), session, [{}]) == ["high"]
+    finally:
+        cp._quality.set_default(None)
+
+
+def test_the_workers_raise_the_level_for_an_explicit_lossy_backend_as_the_switch_does():
+    from genesis_core.attn import registry
+    from genesis_core.interop.comfy_adapter import GenesisAttentionOverride
+    from genesis_core.interop.comfy_parallel_attn import level_for
+
+    assert (level_for("sage", "exact"), level_for("sage", "fast"), level_for("auto", None)) == ("high", "fast", None)
+    for backend in ["auto", *registry.names()]:
+        for quality in (None, "exact", "high", "fast"):
+            assert level_for(backend, quality) == GenesisAttentionOverride(backend, quality=quality).middle_level, \
+                (backend, quality)

@@ -329,6 +329,9 @@ def test_multigpu_node_on_comfyui_sampler_equals_one_process(driver, tmp_path):
         assert r["err"] <= 2e-4 * max(1.0, r["scale"]), (mode, r)
     assert "cannot split this model" in result["refused"]
     assert "odd" in result["odd"]
+    # an Attention Switch after the node (quality high, first and last step exact) sets each call's level
+    levels, r = result["switch"]["levels"], result["switch"]
+    assert levels[0] == levels[-1] == "exact" and "high" in levels and r["err"] <= 2e-4 * max(1.0, r["scale"]), r
 
 
 def _sampler_main():
@@ -379,6 +382,11 @@ def _sampler_main():
         wrapper = clone.model_options["model_function_wrapper"]
         result[mode] = {"is_clone": clone is not model and "model_function_wrapper" not in model.model_options,
                         "calls": wrapper.calls, "err": (got - want).abs().max().item(),
+                        "scale": want.abs().max().item()}
+    seen = len(wrapper.levels)
+    (switched,) = pack.NODE_CLASS_MAPPINGS["GenesisAttentionSwitch"]().execute(clone, quality="high", exact_steps=1)
+    got = sample(switched)
+    result["switch"] = {"levels": wrapper.levels[seen:], "err": (got - want).abs().max().item(),
                         "scale": want.abs().max().item()}
     try:
         node.execute(model, mode="sequence", gpus="8", ring=1, ray_address=address, workers="cpu")

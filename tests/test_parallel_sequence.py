@@ -39,10 +39,38 @@ def _shard_attention(ctx, q, k, v, case, mask=None):
     if case["layout"] == "BNHD":
         ql, kl, vl = ql.transpose(1, 2), kl.transpose(1, 2), vl.transpose(1, 2)
     out = sequence_attention(ql, kl, vl, mesh, real=real, joint_front=jf, joint_back=jb, layout=case["layout"],
-                             ring_impl=case["ring_impl"], scale=case["scale"], mask=mask)
+                             ring_impl=case["ring_impl"], scale=case["scale"], mask=mask,
+                             backend=case.get("backend", "auto"), quality=case.get("quality"))
     if case["layout"] == "BNHD":
         out = out.transpose(1, 2)
     return mesh.shard_index, out.contiguous(), real
+
+
+_FAKE = "fp8_seq_test"
+_FAKE_RUNS = []
+
+
+def _recorded_attention(ctx, q, k, v, case, mask=None):
+    """:func:`_shard_attention` with a lossy-class (fp8) test backend registered that records its runs (it
+    computes exact SDPA, so the accuracy guard lets it serve where the budget admits it); also returns how often
+    it ran on this rank and {quality level: backend} of every call signature dispatch planned for it (a fresh
+    backend name per call, so only this call's signatures match)."""
+    from genesis_core.attn import dispatch, registry
+    from genesis_core.attn.registry import Backend
+
+    name = f"{_FAKE}_{ctx.cache.setdefault('fake_calls', [0])[0]}"
+    ctx.cache["fake_calls"][0] += 1
+    registry.register(Backend(name=name, probe=lambda: None, description=lambda: "recording test kernel",
+                              run=lambda call: (_FAKE_RUNS.append(1), registry.get("sdpa").run(call))[1],
+                              precision="fp8"))
+    before = len(_FAKE_RUNS)
+    try:
+        result = _shard_attention(ctx, q, k, v, dict(case, backend=name), mask)
+    finally:
+        registry.unregister(name)
+    levels = {sig.split("quality=")[1]: ("fake" if served == name else served)
+              for sig, served in dispatch.served_signatures().items() if f"requested={name} " in sig}
+    return (*result, len(_FAKE_RUNS) - before, levels)
 
 
 def _raises(ctx, q, k, v, case, mask=None):
@@ -69,7 +97,7 @@ def pool4():
         yield pool
 
 
-def _check_case(pool, case, seed):
+def _check_case(pool, case, seed, fn=_shard_attention):
     gen = torch.Generator().manual_seed(seed)
     b, h, hk, d, n, jf, jb = (case[x] for x in ("b", "h", "hk", "d", "n", "jf", "jb"))
     dtype = case["dtype"]
@@ -79,10 +107,10 @@ def _check_case(pool, case, seed):
     v = torch.randn(b, hk, total, d, generator=gen).to(dtype)
     mask = _draw_mask(gen, case.get("mask"), b, h, total)
     ref = reference_attention(q, k, v, mask=mask, scale=case["scale"])  # float64, the whole sequence, one process
-    results = pool.run(_shard_attention, q, k, v, case, mask)
+    results = pool.run(fn, q, k, v, case, mask)
     parts = case["ulysses"] * case["ring"]
     length = max(math.ceil(n / parts), case["minimum"])
-    by_shard = {i: (out, real) for i, out, real in results}
+    by_shard = {r[0]: (r[1], r[2]) for r in results}
     assert sorted(by_shard) == list(range(parts))
     tol = 1e-9 if dtype == torch.float64 else 2e-5
     middle = []
@@ -106,6 +134,7 @@ def _check_case(pool, case, seed):
     for i in range(1, parts):  # joint rows bit-identical across ranks (replicated state must not drift)
         assert torch.equal(by_shard[i][0][:, :, :jf], by_shard[0][0][:, :, :jf])
         assert torch.equal(by_shard[i][0][:, :, jf + length:], by_shard[0][0][:, :, jf + length:])
+    return results
 
 
 def _draw_mask(gen, kind, b, h, keys):
@@ -195,6 +224,24 @@ def test_a_mask_only_on_the_joint_keys_on_two_ranks(pool2, ulysses, ring):
     joined = unpad_tokens(torch.cat([outs[i][0][:, :, :5] for i in range(2)], dim=2), outs[0][1], dim=2)
     torch.testing.assert_close(joined, ref[:, :, :9], atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(outs[1][0][:, :, 5:], ref[:, :, 9:], atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("ulysses,ring,ring_impl", [(2, 1, "ring"), (1, 2, "allgather"), (1, 2, "ring")])
+def test_the_quality_level_reaches_every_local_attention_call(pool2, ulysses, ring, ring_impl):
+    """``quality`` governs the Genesis calls of the Ulysses and allgather paths (an explicit fp8-class backend
+    is refused at exact and serves at fast, on every rank); ring blocks run on SDPA whatever it says."""
+    for quality, mask in (("exact", None), ("fast", None), ("fast", "additive"), ("high", None)):
+        case = {"ulysses": ulysses, "ring": ring, "b": 1, "h": 2, "hk": 2, "d": 8, "n": 11, "jf": 3, "jb": 0,
+                "minimum": 0, "layout": "BNHD", "ring_impl": ring_impl, "dtype": torch.float32, "scale": None,
+                "mask": mask, "backend": _FAKE, "quality": quality}
+        results = _check_case(pool2, case, seed=21, fn=_recorded_attention)
+        for _, _, _, runs, levels in results:
+            if ring > 1 and ring_impl == "ring":
+                assert runs == 0 and levels == {}
+            elif quality == "fast":
+                assert runs >= 1 and levels == {"fast": "fake"}  # the guard's checked run, then the call
+            else:
+                assert runs == 0 and levels == {quality: "sdpa"}
 
 
 def test_masks_that_differ_per_query_are_refused_with_a_sentence(pool2):

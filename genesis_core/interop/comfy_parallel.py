@@ -9,8 +9,10 @@ combine.
 
 :class:`MultiGPUModelFunction` is a ComfyUI ``model_function_wrapper``: in the ComfyUI process it sends the model
 once to the workers (weights as ComfyUI has them, weight patches such as LoRA applied there by ComfyUI's own
-``ModelPatcher``), then per call only the latents, timestep and conditioning. This module never imports ComfyUI
-at module level; the builders import it inside the workers.
+``ModelPatcher``), then per call only the latents, timestep, conditioning and the quality level the workers'
+attention runs at (``extras[QUALITY_KEY]``: a Genesis Attention Switch on the model decides it step by step, else
+the node's ``quality``). This module never imports ComfyUI at module level; the builders import it inside the
+workers.
 """
 from __future__ import annotations
 
@@ -22,23 +24,29 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .._log import logger
+from .._log import log_once, logger
+from ..attn import quality as _quality
 from ..compute._tree import map_tensors
 from ..parallel.session import ParallelSettings, close_sessions, session_for  # noqa: F401 (re-exported)
 from .comfy_adapter import GenesisAttentionOverride
-from .comfy_parallel_attn import SequenceAttentionOverride
+from .comfy_parallel_attn import SequenceAttentionOverride, level_for
 from .comfy_parallel_models import SUPPORTED, model_family, sequence_support, sequence_transformer_options
 
 __all__ = ["SequenceAttentionOverride", "model_family", "sequence_support", "sequence_transformer_options",
            "build_diffusion_runner", "build_base_model_runner", "base_model_payload", "MultiGPUModelFunction",
-           "ParallelSettings", "SUPPORTED"]
+           "ParallelSettings", "SUPPORTED", "QUALITY_KEY"]
+
+
+#: ``extras`` key of a model call: the quality level its attention runs at on the workers (set per call by
+#: :class:`MultiGPUModelFunction`; without it a worker's calls run at the ``quality`` its model was loaded with).
+QUALITY_KEY = "genesis_quality"
 
 
 def _worker_options(diffusion_model, mesh, options: Dict[str, Any]) -> Dict[str, Any]:
-    backend = options.get("backend", "auto")
+    backend, quality = options.get("backend", "auto"), options.get("quality")
     if mesh.sequence_degree > 1:
-        return sequence_transformer_options(diffusion_model, mesh, backend, options.get("ring_impl", "ring"))
-    return {"optimized_attention_override": GenesisAttentionOverride(backend)}
+        return sequence_transformer_options(diffusion_model, mesh, backend, options.get("ring_impl", "ring"), quality)
+    return {"optimized_attention_override": GenesisAttentionOverride(backend, quality=quality)}
 
 
 # ---------------------------------------------------------------- inside a worker: build the model, run a call
@@ -60,9 +68,18 @@ def _to(value: Any, device) -> Any:
 
 
 def _runner(call, device: torch.device, own: Dict[str, Any]):
+    override = own.get("optimized_attention_override")
+    loaded_level = getattr(override, "level", None)
+
     def run(inputs: Dict[str, Any]) -> torch.Tensor:
+        extras = dict(inputs.get("extras") or {})
+        level = extras.pop(QUALITY_KEY, loaded_level)
+        if override is not None:
+            if level is not None:
+                _quality.normalise(level, f"extras[{QUALITY_KEY!r}]")
+            override.level = level_for(override.backend, level)
         to = dict(own)
-        to.update(inputs.get("extras") or {})
+        to.update(extras)
         with torch.no_grad():
             out = call(inputs["x"].to(device), inputs["timestep"].to(device), _to(inputs["conds"], device), to)
         return out.cpu()
@@ -149,11 +166,35 @@ def base_model_payload(base_model) -> Dict[str, Any]:
 
 
 class MultiGPUModelFunction:
-    """ComfyUI ``model_function_wrapper``: each model call runs on the workers (see the module docstring)."""
+    """ComfyUI ``model_function_wrapper``: each model call runs on the workers (see the module docstring).
+
+    The quality level of the workers' attention is decided here, per model call, and sent with it: a Genesis
+    Attention Switch on the model (its override in the call's ``transformer_options``) governs, with its
+    ``quality`` and ``exact_steps`` as if the model ran in this process; without one, ``settings.quality``
+    (None: this process's default), raised to what an explicit lossy ``settings.backend`` needs, as the switch
+    does. The ComfyUI process runs no attention of its own here, so the switch's per-step tracking runs here.
+    """
 
     def __init__(self, settings: ParallelSettings):
         self.settings = settings
         self.calls = 0
+        self.own = GenesisAttentionOverride(settings.backend, quality=settings.quality)  # without a switch
+        self.levels: list = []  # the level sent with each model call (the last 1000)
+
+    def call_level(self, transformer_options: Dict[str, Any], timestep: Any = None) -> str:
+        """The quality level the workers' attention runs at for this model call (see the class docstring)."""
+        switch = (transformer_options or {}).get("optimized_attention_override")
+        if isinstance(switch, GenesisAttentionOverride):
+            log_once(("multigpu-quality-from-switch", id(switch)),
+                     f"Genesis Multi-GPU: the workers' attention runs at the model's Attention Switch quality "
+                     f"('{switch.middle_level or _quality.default()}', exact_steps={switch.exact_steps}); the "
+                     f"Multi-GPU node's own 'quality' does not apply")
+            level = switch.begin_model_call(transformer_options, timestep)
+        else:
+            level = self.own.begin_model_call(None)
+        level = level or _quality.default()
+        self.levels = self.levels[-999:] + [level]
+        return level
 
     def __deepcopy__(self, memo: dict) -> "MultiGPUModelFunction":
         return self
@@ -183,9 +224,11 @@ class MultiGPUModelFunction:
             logger.info(f"sending {type(base_model.diffusion_model).__name__} to {session.pool.world_size} worker(s) "
                         "(once; later steps send only latents and conditioning)")
             session.load(build_base_model_runner, base_model_payload(base_model),
-                         {"backend": self.settings.backend, "ring_impl": self.settings.ring_impl})
+                         {"backend": self.settings.backend, "ring_impl": self.settings.ring_impl,
+                          "quality": self.settings.quality})
             session.model_id = token
         extras = {k: _to(to[k], "cpu") for k in ("cond_or_uncond", "sigmas", "uuids", "sample_sigmas") if k in to}
+        extras[QUALITY_KEY] = self.call_level(to, t)
         out = session.call(_to(x, "cpu"), _to(t, "cpu"), _to(conds, "cpu"), args.get("cond_or_uncond"), extras)
         self.calls += 1
         return out.to(x.device)

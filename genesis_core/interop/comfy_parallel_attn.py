@@ -17,12 +17,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..attn import quality as _quality
+from ..attn import registry
 from ..attn.types import mask_4d_shape
 from ..parallel.sequence import sequence_attention
 from ..parallel.shard import gather_tokens, split_tokens
 from .comfy_adapter import comfy_attention
 
-__all__ = ["Shard", "SequenceAttentionOverride", "BlockPatches", "current_shard"]
+__all__ = ["Shard", "SequenceAttentionOverride", "BlockPatches", "current_shard", "level_for"]
 
 _active = threading.local()  # the shard of the block now running on this thread (set by the block patches)
 
@@ -63,6 +65,23 @@ def _bind(args, kwargs) -> Dict[str, Any]:
     return bound
 
 
+def level_for(backend: Any, quality: Optional[str]) -> Optional[str]:
+    """The level calls with ``backend`` run at under ``quality``: an explicitly chosen lossy backend (``sage``)
+    raises it to the level its precision class needs, as the Attention Switch does; ``auto`` keeps it (None: the
+    engine's default)."""
+    name = backend.value if hasattr(backend, "value") else str(backend)
+    level = None if quality is None else _quality.normalise(quality)
+    if name == "auto":
+        return level
+    try:
+        needs = _quality.loosest_for(registry.get(name).precision)
+    except KeyError:
+        return level  # an unknown name: the engine says so at the first call
+    if level is None or _quality.LEVELS.index(level) < _quality.LEVELS.index(needs):
+        return needs
+    return level
+
+
 def _check_mask(st: Shard, mask: torch.Tensor) -> None:
     shape = tuple(mask.shape)
     if st.mask_keys is None:
@@ -79,10 +98,18 @@ def _check_mask(st: Shard, mask: torch.Tensor) -> None:
 
 class SequenceAttentionOverride:
     """``optimized_attention_override`` for sharded models: self-attention over the shards goes through
-    :func:`sequence_attention`, every other call through Genesis attention on this rank alone."""
+    :func:`sequence_attention`, every other call through Genesis attention on this rank alone.
 
-    def __init__(self, mesh, backend: str = "auto", ring_impl: str = "ring"):
+    ``quality`` (``exact`` / ``high`` / ``fast``; None: the engine's default) is the budget of both kinds of
+    call, raised for an explicit lossy ``backend`` (:func:`level_for`); :attr:`level` is the level calls run at
+    now (the worker sets it per model call, as the ComfyUI process's Attention Switch decides it step by step).
+    Ring blocks stay exact (see :func:`sequence_attention`).
+    """
+
+    def __init__(self, mesh, backend: str = "auto", ring_impl: str = "ring", quality: Optional[str] = None):
         self.mesh, self.backend, self.ring_impl = mesh, backend, ring_impl
+        self.quality = None if quality is None else _quality.normalise(quality)
+        self.level: Optional[str] = level_for(backend, self.quality)
         self.sharded_calls = 0
         self.local_calls = 0
 
@@ -100,7 +127,7 @@ class SequenceAttentionOverride:
         if joint is None:
             self.local_calls += 1
             return comfy_attention(q, k, v, heads, mask, bound.get("attn_precision"), skip_in, skip_out,
-                                   backend=self.backend)
+                                   backend=self.backend, quality=self.level)
         if mask is not None:
             _check_mask(st, mask)
         if skip_in:
@@ -110,7 +137,8 @@ class SequenceAttentionOverride:
             qq, kk, vv = (t.reshape(b, t.shape[1], heads, -1) for t in (q, k, v))
             layout = "BNHD"
         out = sequence_attention(qq, kk, vv, self.mesh, real=st.real, joint_front=joint[0], joint_back=joint[1],
-                                 layout=layout, backend=self.backend, ring_impl=self.ring_impl, mask=mask)
+                                 layout=layout, backend=self.backend, ring_impl=self.ring_impl, mask=mask,
+                                 quality=self.level)
         self.sharded_calls += 1
         if layout == "BHND":
             return out if skip_out else out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)

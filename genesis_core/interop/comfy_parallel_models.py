@@ -212,8 +212,10 @@ class _SD3Blocks(BlockPatches):
         return sd3_block
 
 
-def sequence_transformer_options(diffusion_model, mesh, backend: str = "auto", ring_impl: str = "ring") -> Dict[str, Any]:
-    """``transformer_options`` that shard ``diffusion_model`` over ``mesh``'s sequence group (raises if it cannot)."""
+def sequence_transformer_options(diffusion_model, mesh, backend: str = "auto", ring_impl: str = "ring",
+                                 quality: Optional[str] = None) -> Dict[str, Any]:
+    """``transformer_options`` that shard ``diffusion_model`` over ``mesh``'s sequence group (raises if it cannot);
+    ``backend`` and ``quality`` govern its attention calls (see :class:`SequenceAttentionOverride`)."""
     reason = sequence_support(diffusion_model, mesh.ulysses, mesh.ring)
     if reason:
         raise ValueError(reason)
@@ -232,4 +234,4 @@ def sequence_transformer_options(diffusion_model, mesh, backend: str = "auto", r
         for i in range(fb.n_single):
             dit[("single_block", i)] = fb.single(i)
     return {"patches_replace": {"dit": dit},
-            "optimized_attention_override": SequenceAttentionOverride(mesh, backend, ring_impl)}
+            "optimized_attention_override": SequenceAttentionOverride(mesh, backend, ring_impl, quality)}

@@ -9,14 +9,16 @@ this rank's tokens, in this rank's layout.
 
 * **Ulysses** (``mesh.ulysses`` ranks): an all-to-all turns the token split into a head split (each rank then
   holds every token of ``H / ulysses`` heads), attention runs locally through Genesis's own
-  :func:`genesis_core.attn.dispatch.attention` (so AUTO, the quality budget and every backend apply), and an
+  :func:`genesis_core.attn.dispatch.attention` (so AUTO, the ``quality`` budget and every backend apply), and an
   all-to-all turns it back. The heads must divide among the Ulysses ranks.
 * **Ring** (``mesh.ring`` ranks): key/value blocks travel round the ring while each rank attends its queries to
   the block it holds; partial results are merged by their log-sum-exp. Needed when the heads do not divide, and
   it keeps only two key/value blocks per rank. Genesis's dispatch returns no log-sum-exp, so ring blocks run on
   PyTorch's fused SDPA kernels that do (``_scaled_dot_product_flash_attention*``/efficient), falling back to a
-  chunked float32 softmax. ``ring_impl="allgather"`` instead gathers the key/value blocks and makes one Genesis
-  dispatch call (every Genesis backend applies; the whole key/value of ``H / ulysses`` heads is held).
+  chunked float32 softmax: they are exact whatever ``quality`` says (a lossy level is logged once and applies
+  to nothing there). ``ring_impl="allgather"`` instead gathers the key/value blocks and makes one Genesis
+  dispatch call (every Genesis backend and the ``quality`` budget apply; the whole key/value of ``H / ulysses``
+  heads is held).
 * **Both**: Ulysses inside each ring rank's group, the ring across groups (``world = ulysses * ring``).
 
 Joint tokens: their queries attend to every token; their result is made identical on every rank (broadcast
@@ -34,6 +36,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .._log import first_line, log_once
+from ..attn import quality as _quality
 from ..attn.dispatch import attention as genesis_attention
 from ..attn.types import mask_4d_shape
 from .mesh import ParallelMesh
@@ -256,6 +259,7 @@ def sequence_attention(
     scale: Optional[float] = None,
     ring_impl: str = "ring",
     mask: Optional[torch.Tensor] = None,
+    quality: Optional[str] = None,
 ) -> torch.Tensor:
     """Attention over a token sequence sharded across ``mesh.ulysses * mesh.ring`` ranks (see the module docstring).
 
@@ -269,6 +273,9 @@ def sequence_attention(
         backend, scale: as for :func:`genesis_core.attention` (``backend`` serves the Ulysses and the
             ``allgather`` local calls).
         ring_impl: ``"ring"`` (pass key/value blocks round the ring) or ``"allgather"``.
+        quality: the budget of every Genesis attention call made here (``"exact"``, ``"high"``, ``"fast"``; None:
+            as :func:`genesis_core.attention` takes None). Ring blocks (``ring > 1`` with ``ring_impl="ring"``)
+            run on PyTorch's SDPA for their log-sum-exp and stay exact.
         mask: None, or a key mask that is the same for every query, over the whole sequence as one process sees
             it (``Jf`` joint front keys, every shard's real keys in shard order, ``Jb`` joint back keys):
             boolean (True = attend) or additive float, shaped ``[keys]``, ``[B|1, 1, keys]`` or
@@ -282,6 +289,8 @@ def sequence_attention(
         raise ValueError(f"layout must be 'BHND' or 'BNHD'; got {layout!r}")
     if ring_impl not in RING_IMPLS:
         raise ValueError(f"ring_impl must be one of {RING_IMPLS}; got {ring_impl!r}")
+    if quality is not None:
+        quality = _quality.normalise(quality)
     if layout == "BNHD":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     b, h, n, d = q.shape
@@ -334,12 +343,17 @@ def sequence_attention(
     if rr == 1:
         keys = torch.cat((jkf, _compact(kh, my_counts, length), jkb), dim=2)
         vals = torch.cat((jvf, _compact(vh, my_counts, length), jvb), dim=2)
-        out = genesis_attention(jq, keys, vals, _as_dtype(mask, jq.dtype), backend=backend, scale=scale)
+        out = genesis_attention(jq, keys, vals, _as_dtype(mask, jq.dtype), backend=backend, scale=scale,
+                                quality=quality)
     elif ring_impl == "allgather":
         kall, vall = _allgather_kv(kh, vh, mesh, real, length)
         keys, vals = torch.cat((jkf, kall, jkb), dim=2), torch.cat((jvf, vall, jvb), dim=2)
-        out = genesis_attention(jq, keys, vals, _as_dtype(mask, jq.dtype), backend=backend, scale=scale)
+        out = genesis_attention(jq, keys, vals, _as_dtype(mask, jq.dtype), backend=backend, scale=scale,
+                                quality=quality)
     else:
+        if quality not in (None, "exact"):
+            log_once(("ring-exact", quality), f"ring attention blocks run on PyTorch's SDPA (they need its "
+                     f"log-sum-exp), at exact precision: quality '{quality}' applies to none of them")
         if hk_local != hq_local:
             kh, vh = kh.repeat_interleave(hq_local // hk_local, 1), vh.repeat_interleave(hq_local // hk_local, 1)
             jkf, jvf = jkf.repeat_interleave(hq_local // hk_local, 1), jvf.repeat_interleave(hq_local // hk_local, 1)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from .._log import log_once
+from ..attn.quality import normalise as normalise_quality
 from .cfg import join_chunks, split_call
 from .mesh import build_mesh
 from .portable import portable, resolve
@@ -140,7 +141,12 @@ class ParallelSession:
 
 @dataclass(frozen=True)
 class ParallelSettings:
-    """How a MODEL runs across workers: ``cfg`` branches (1 or 2) x ``ulysses`` x ``ring``."""
+    """How a MODEL runs across workers: ``cfg`` branches (1 or 2) x ``ulysses`` x ``ring``.
+
+    ``backend`` / ``quality``: the workers' attention backend and quality budget (``exact`` / ``high`` /
+    ``fast``; None: the default of the process that sends the calls). The quality travels with each call, so
+    settings that differ only in it share one session (it takes no part in equality).
+    """
 
     cfg: int = 2
     ulysses: int = 1
@@ -151,6 +157,11 @@ class ParallelSettings:
     backend: str = "auto"
     ring_impl: str = "ring"
     timeout_s: float = 900.0
+    quality: Optional[str] = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.quality is not None:
+            object.__setattr__(self, "quality", normalise_quality(self.quality))
 
     @property
     def world(self) -> int:
