@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .._log import log_once
+from .._log import log_once, logger
 from ..attn.quality import normalise as normalise_quality
 from .cfg import join_chunks, split_call
 from .mesh import build_mesh
@@ -167,6 +167,11 @@ class ParallelSettings:
     def world(self) -> int:
         return self.cfg * self.ulysses * self.ring
 
+    @property
+    def placement(self) -> tuple:
+        """What decides which workers and GPUs a session holds (not how they attend)."""
+        return self.cfg, self.ulysses, self.ring, self.use_gpu, self.address, self.gpu_ids
+
 
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 _sessions: Dict[ParallelSettings, Any] = {}
@@ -182,6 +187,12 @@ def session_for(settings: ParallelSettings) -> "ParallelSession":
         if s is not None and not s.pool.closed:
             return s
         _sessions.pop(settings, None)
+        for other in [o for o in _sessions if o.placement == settings.placement]:
+            # The same workers with another backend / ring implementation / timeout: a replacement, so the old
+            # pool lets its GPUs go instead of holding them next to the new one.
+            logger.info("Multi-GPU: attention settings changed (backend %s -> %s, ring %s -> %s); stopping the "
+                        "previous workers", other.backend, settings.backend, other.ring_impl, settings.ring_impl)
+            _sessions.pop(other).pool.close()
         init = {}
         if settings.gpu_ids and not settings.address:
             init["num_gpus"] = len(settings.gpu_ids)

@@ -1,0 +1,47 @@
+"""session_for keeps one worker pool per placement: settings that change only how the workers attend (backend,
+ring implementation, timeout) replace the old pool instead of holding its GPUs beside a new one; settings on
+other workers keep theirs; quality takes no part. Ray is stood in for (no workers start)."""
+from __future__ import annotations
+
+import pytest
+
+from genesis_core.parallel import ray_workers, session
+
+
+class FakePool:
+    started = []
+
+    def __init__(self, world, **kwargs):
+        self.world, self.kwargs, self.closed = world, kwargs, False
+        FakePool.started.append(self)
+
+    def close(self):
+        self.closed = True
+
+
+class FakeSession:
+    def __init__(self, pool, cfg=1, ulysses=1, ring=1):
+        self.pool = pool
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    FakePool.started = []
+    monkeypatch.setattr(ray_workers, "RayWorkerPool", FakePool)
+    monkeypatch.setattr(ray_workers, "connect", lambda *a, **k: None)
+    monkeypatch.setattr(session, "ParallelSession", FakeSession)
+    monkeypatch.setattr(session, "_sessions", {})
+    yield FakePool.started
+
+
+def test_a_new_backend_on_the_same_workers_replaces_the_old_pool(fake_ray, genesis_log):
+    a = session.session_for(session.ParallelSettings(cfg=2, use_gpu=False, backend="auto"))
+    assert session.session_for(session.ParallelSettings(cfg=2, use_gpu=False, backend="auto", quality="fast")) is a
+    b = session.session_for(session.ParallelSettings(cfg=2, use_gpu=False, backend="sdpa", ring_impl="allgather"))
+    assert b is not a and a.pool.closed and not b.pool.closed and len(fake_ray) == 2
+    assert any("backend auto -> sdpa" in m and "stopping the previous workers" in m for m in genesis_log)
+    c = session.session_for(session.ParallelSettings(cfg=1, ulysses=2, use_gpu=False, backend="auto"))
+    assert not b.pool.closed and not c.pool.closed  # other workers: both kept
+    assert set(session._sessions.values()) == {b, c}
+    session.close_sessions()
+    assert b.pool.closed and c.pool.closed and not session._sessions
