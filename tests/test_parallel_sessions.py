@@ -45,3 +45,14 @@ def test_a_new_backend_on_the_same_workers_replaces_the_old_pool(fake_ray, genes
     assert set(session._sessions.values()) == {b, c}
     session.close_sessions()
     assert b.pool.closed and c.pool.closed and not session._sessions
+
+
+def test_the_log_names_what_changed(fake_ray, genesis_log):
+    """A timeout-only change says so (not "backend auto -> auto")."""
+    a = session.session_for(session.ParallelSettings(cfg=2, use_gpu=False))
+    b = session.session_for(session.ParallelSettings(cfg=2, use_gpu=False, timeout_s=60.0))
+    assert a.pool.closed and not b.pool.closed
+    said = [m for m in genesis_log if "stopping the previous workers" in m]
+    assert len(said) == 1 and "timeout_s 900.0 -> 60.0" in said[0], said
+    assert "backend" not in said[0] and "ring" not in said[0], said
+    session.close_sessions()

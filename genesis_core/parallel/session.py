@@ -190,8 +190,10 @@ def session_for(settings: ParallelSettings) -> "ParallelSession":
         for other in [o for o in _sessions if o.placement == settings.placement]:
             # The same workers with another backend / ring implementation / timeout: a replacement, so the old
             # pool lets its GPUs go instead of holding them next to the new one.
-            logger.info("Multi-GPU: attention settings changed (backend %s -> %s, ring %s -> %s); stopping the "
-                        "previous workers", other.backend, settings.backend, other.ring_impl, settings.ring_impl)
+            changed = ", ".join(f"{name} {getattr(other, name)} -> {getattr(settings, name)}"
+                                for name in ("backend", "ring_impl", "timeout_s")
+                                if getattr(other, name) != getattr(settings, name))
+            logger.info("Multi-GPU: worker settings changed (%s); stopping the previous workers", changed)
             _sessions.pop(other).pool.close()
         init = {}
         if settings.gpu_ids and not settings.address:
