@@ -529,6 +529,19 @@ def test_sage_precision_is_the_class_of_what_sageattn_runs_here(fakes, cap, cls,
     assert all(registry.get(n).precision == "exact" for n in ("flash", "fa2", "fa3", "fa4"))
 
 
+def test_sage2_fp16_is_served_from_33_keys_the_others_from_2(fakes):
+    """sage2_fp16 wrote NaN for 2-32 keys on the H200 (2026-12-02): below 33 keys dispatch must not run it."""
+    fakes.sage(sage2_module())
+    for name, nk, served in (("sage2_fp16", 32, "sdpa"), ("sage2_fp16", 33, "sage2_fp16"),
+                             ("sage2_fp8", 2, "sage2_fp8"), ("sage2_triton", 2, "sage2_triton")):
+        q, k, v = bnhd_inputs(d=64, nk=nk)
+        attention(q, k, v, backend=name, layout="BNHD", quality="high")
+        assert last_backend() == served, (name, nk, last_backend())
+    why = registry.get("sage2_fp16").reason_for(AttentionCall(*(t.transpose(1, 2) for t in bnhd_inputs(d=64, nk=32)),
+                                                              None, 0.125))
+    assert why == "key length 32 not supported: needs >= 33", why
+
+
 def test_sage2_refuses_a_build_without_its_extension(fakes):
     mod = fakes.sage(sage2_module())
     mod.core.SM90_ENABLED = False
