@@ -542,6 +542,17 @@ def test_sage2_fp16_is_served_from_33_keys_the_others_from_2(fakes):
     assert why == "key length 32 not supported: needs >= 33", why
 
 
+def test_sage_on_an_a100_is_refused_below_33_keys_as_its_fp16_kernel_is(fakes):
+    """2.x's sageattn runs sageattn_qk_int8_pv_fp16_cuda on compute capability 8.0: the kernel sage2_fp16 is."""
+    fakes.sage(sage2_module())
+    for cap, nk, served in (((8, 0), 32, "sdpa"), ((8, 0), 33, "sage"), ((9, 0), 2, "sage"), ((8, 6), 2, "sage")):
+        fakes.mp.setattr(sage, "_device_cap", lambda device, cap=cap: cap)
+        registry.get("sage").reprobe()
+        q, k, v = bnhd_inputs(d=64, nk=nk)
+        attention(q, k, v, backend="sage", layout="BNHD", quality="high")
+        assert last_backend() == served, (cap, nk, last_backend())
+
+
 def test_sage2_refuses_a_build_without_its_extension(fakes):
     mod = fakes.sage(sage2_module())
     mod.core.SM90_ENABLED = False
