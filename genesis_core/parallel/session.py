@@ -178,6 +178,16 @@ _sessions: Dict[ParallelSettings, Any] = {}
 _sessions_lock = threading.Lock()
 
 
+def _may_share_gpus(a: ParallelSettings, b: ParallelSettings) -> bool:
+    """Whether two GPU sessions may need the same GPUs: on one cluster address unless both name disjoint GPUs of
+    this machine (embedded Ray); on a remote cluster which GPUs a pool gets is Ray's choice, so always."""
+    if not (a.use_gpu and b.use_gpu) or a.address != b.address:
+        return False
+    if a.address or not a.gpu_ids or not b.gpu_ids:
+        return True
+    return bool(set(a.gpu_ids) & set(b.gpu_ids))
+
+
 def session_for(settings: ParallelSettings) -> "ParallelSession":
     """The session (Ray workers + mesh) for ``settings``: kept between runs, started afresh after a failure."""
     from .ray_workers import RayWorkerPool, connect
@@ -187,11 +197,11 @@ def session_for(settings: ParallelSettings) -> "ParallelSession":
         if s is not None and not s.pool.closed:
             return s
         _sessions.pop(settings, None)
-        for other in [o for o in _sessions if o.placement == settings.placement]:
-            # The same workers with another backend / ring implementation / timeout: a replacement, so the old
-            # pool lets its GPUs go instead of holding them next to the new one.
+        for other in [o for o in _sessions if o.placement == settings.placement or _may_share_gpus(o, settings)]:
+            # The same workers attending differently, or a pool that may hold GPUs the new one needs (Ray would
+            # keep the new placement waiting until its start timeout): the old pool lets its GPUs go first.
             changed = ", ".join(f"{name} {getattr(other, name)} -> {getattr(settings, name)}"
-                                for name in ("backend", "ring_impl", "timeout_s")
+                                for name in ("cfg", "ulysses", "ring", "gpu_ids", "backend", "ring_impl", "timeout_s")
                                 if getattr(other, name) != getattr(settings, name))
             logger.info("Multi-GPU: worker settings changed (%s); stopping the previous workers", changed)
             _sessions.pop(other).pool.close()
