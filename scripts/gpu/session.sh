@@ -2,11 +2,11 @@
 # One lent-GPU session of Genesis checks, in stages: bash scripts/gpu/session.sh STAGE [STAGE ...]
 #
 # Written for the lent H200 (python3 3.12, torch 2.11 cu130, no network). What travels with the call (ignored
-# folders of the repo, never committed): .whl/ (wheels: fa3-fwd, flash-attn-4 and its pure-python deps,
-# nvidia-cutlass-dsl base and core libs: the core wheel holds the CuTe Python package, cutlass.cute), .fa4a/ and
-# .fa4b/ (the 92 MB cu13 CuTe-DSL libs wheel, repacked as two xz tarballs because one call carries at most 64 MiB:
-# .fa4a, with the nvidia-cudnn-frontend wheel, comes in a call of its own and is kept in /tmp/keep while the machine
-# stays warm), .sage_src/ (SageAttention 2.x source, thu-ml/SageAttention main; built in /tmp/sage, which also
+# folders of the repo, never committed): .whl/ (wheels: fa3-fwd, nvidia-cudnn-frontend, flash-attn-4 and its
+# pure-python deps, nvidia-cutlass-dsl base and core libs: the core wheel holds the CuTe Python package,
+# cutlass.cute), .fa4a/ and .fa4b/ (the 92 MB cu13 CuTe-DSL libs wheel, repacked as two xz tarballs because one call
+# carries at most 64 MiB: on 2026-12-02 the first call carried .whl + .fa4b and ran `keep`, the next one, within
+# the 30 s a warm machine waits, carried .fa4a alone; /tmp/keep holds them while the machine stays warm), .sage_src/ (SageAttention 2.x source, thu-ml/SageAttention main; built in /tmp/sage, which also
 # outlives the call while the machine stays warm), .comfy/ (ComfyUI's comfy/ package as comfy.tar.xz, for the
 # end-to-end runs).
 #
