@@ -33,10 +33,8 @@ limit; the JSON (fp8_gpu.json under --out) is rewritten after every shape; a sho
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import statistics
 import sys
 import time
@@ -49,6 +47,9 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _limits import sync, time_limit  # noqa: E402
 from genesis_core._timing import time_runs  # noqa: E402
 from genesis_core.attn import autotune, registry  # noqa: E402
 from genesis_core.attn.backends import fa3_fp8, fp8_cudnn  # noqa: E402
@@ -68,28 +69,6 @@ TOTAL_BUDGET_S = 140
 AUTO_SHAPES = ("flux", "sdxl", "wan480")
 
 
-class Timeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: int):
-    """Raise Timeout in the main thread after ``seconds`` (when Python code runs again)."""
-    def handler(signum, frame):
-        raise Timeout(f"over {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def first_line(exc):

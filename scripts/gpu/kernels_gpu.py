@@ -19,11 +19,9 @@ the script goes on. Writes kernels_gpu.json under --out and prints a short table
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import signal
 import statistics
 import sys
 import time
@@ -33,6 +31,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _limits import sync, time_limit  # noqa: E402
 from genesis_core._timing import time_runs  # noqa: E402
 from genesis_core.attn import attention, autotune, registry  # noqa: E402
 from genesis_core.attn.backends import fa4 as fa4_backend  # noqa: E402
@@ -52,28 +53,6 @@ KERNEL_LIMIT_S = 45  # one kernel's first call, warm-up and timing
 TOTAL_BUDGET_S = 140
 
 
-class Timeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: int):
-    """Raise Timeout in this (main) thread after ``seconds`` (whenever Python code runs again)."""
-    def handler(signum, frame):
-        raise Timeout(f"over {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def inputs(shape, device, dtype, seed):
