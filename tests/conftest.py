@@ -33,6 +33,12 @@ def reference_attention(q, k, v, mask=None, scale=None):
     return torch.softmax(s, dim=-1) @ v
 
 
+def l2_and_cosine(out, ref):
+    """(relative L2 error, cosine similarity) of ``out`` against ``ref`` in float64: a quality level's metric."""
+    o, r = out.double().cpu().flatten(), ref.double().cpu().flatten()
+    return float((o - r).norm() / r.norm()), float(torch.dot(o, r) / (o.norm() * r.norm()))
+
+
 class _Capture(logging.Handler):
     def __init__(self):
         super().__init__(logging.DEBUG)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import reference_attention, requires_cuda
+from conftest import l2_and_cosine, reference_attention, requires_cuda
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -75,8 +75,7 @@ def assert_within(out, ref, tol, what):
     """``tol``: a float (largest error over the largest reference value) or a quality level's (relative L2,
     cosine) thresholds."""
     if isinstance(tol, tuple):
-        o, r = out.double().cpu().flatten(), ref.double().cpu().flatten()
-        rel, cos = float((o - r).norm() / r.norm()), float(o @ r / (o.norm() * r.norm()))
+        rel, cos = l2_and_cosine(out, ref)
         assert rel <= tol[0] and cos >= tol[1], f"{what}: rel L2 {rel:.3g} cos {cos:.5f} vs {tol}"
     else:
         err = rel_err(out, ref)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import reference_attention, requires_cuda
+from conftest import l2_and_cosine, reference_attention, requires_cuda
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,11 +30,6 @@ def _available(name):
     return registry.get(name)
 
 
-def _errors(out, ref):
-    o, r = out.double().cpu().reshape(-1), ref.reshape(-1)
-    rel = float((o - r).norm() / r.norm())
-    cos = float(torch.dot(o, r) / (o.norm() * r.norm()))
-    return rel, cos
 
 
 @st.composite
@@ -76,7 +71,7 @@ def test_backend_matches_float64_within_its_class(name, data, genesis_log):
     out = attention(*args, backend=name, layout=layout, quality=level)
     assert last_backend() == name, (chain, genesis_log[-3:])
     out = out.transpose(1, 2) if layout == "BNHD" else out
-    rel, cos = _errors(out, reference_attention(q, k, v))
+    rel, cos = l2_and_cosine(out, reference_attention(q, k, v))
     max_rel, min_cos = quality.thresholds(level, q.dtype, b.tolerance.get(q.dtype))
     assert rel <= max_rel and cos >= min_cos, \
         f"{name} {tuple(q.shape)}/{tuple(k.shape)} {q.dtype} {layout}: rel {rel:.3g} cos {cos:.6f}"

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from genesis_core.attn import attention, last_backend, quality, registry
 from genesis_core.attn.types import AttentionCall
 from genesis_core.attn.quant import fp8
-from tests.conftest import reference_attention, requires_cuda
+from tests.conftest import l2_and_cosine, reference_attention, requires_cuda
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -39,11 +39,6 @@ def _skip_unless_available(name):
         pytest.skip(f"{name}: {why}")
 
 
-def _errors(out, ref):
-    o, r = out.double().cpu().flatten(), ref.double().cpu().flatten()
-    rel = float((o - r).norm() / r.norm())
-    cos = float(torch.dot(o, r) / (o.norm() * r.norm()))
-    return rel, cos
 
 
 # ---------------------------------------------------------------- the quantiser
@@ -169,7 +164,7 @@ def test_backend_fits_the_fast_level_on_hypothesis_shapes(name):
         out = backend.run(call)
         torch.cuda.synchronize()
         assert out.shape == (B, H, NQ, D) and out.dtype == dtype
-        rel, cos = _errors(out, reference_attention(q, k, v))
+        rel, cos = l2_and_cosine(out, reference_attention(q, k, v))
         max_rel, min_cos = quality.thresholds("fast", dtype)
         assert rel <= max_rel and cos >= min_cos, f"{name} B{B} H{H} Nq{NQ} Nk{NK} D{D} {dtype} {layout}: " \
                                                    f"rel {rel:.4f} cos {cos:.6f}"
@@ -189,7 +184,7 @@ def test_backend_on_short_and_odd_lengths(name, NQ, NK):
         if "no cuDNN FP8 attention graph builds" in str(exc):
             pytest.skip(f"cuDNN refuses Nq={NQ} Nk={NK}: {exc}")  # dispatch falls back; recorded here
         raise
-    rel, cos = _errors(out, reference_attention(q, k, v, scale=0.125))
+    rel, cos = l2_and_cosine(out, reference_attention(q, k, v, scale=0.125))
     max_rel, min_cos = quality.thresholds("fast", torch.bfloat16)
     assert rel <= max_rel and cos >= min_cos, (rel, cos)
 
@@ -209,7 +204,7 @@ def test_backend_with_silent_heads_and_one_key(name):
                 continue  # dispatch falls back; recorded by test_backend_on_short_and_odd_lengths
             raise
         assert bool(torch.isfinite(out).all()), NK
-        rel, cos = _errors(out, reference_attention(q, k, v, scale=0.125))
+        rel, cos = l2_and_cosine(out, reference_attention(q, k, v, scale=0.125))
         max_rel, min_cos = quality.thresholds("fast", torch.bfloat16)
         assert rel <= max_rel and cos >= min_cos, (NK, rel, cos)
 
@@ -228,7 +223,7 @@ def test_fp8_cudnn_refuses_heads_one_scale_cannot_span_and_dispatch_falls_back()
     out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend="fp8_cudnn", layout="BNHD",
                     quality="fast")
     assert last_backend() != "fp8_cudnn"
-    rel, _cos = _errors(out.transpose(1, 2), reference_attention(q, k, v))
+    rel, _cos = l2_and_cosine(out.transpose(1, 2), reference_attention(q, k, v))
     assert rel < 0.01  # what served it is exact
 
 
@@ -239,6 +234,6 @@ def test_dispatch_serves_the_backend_under_the_fast_budget(name):
     bnhd = [t.transpose(1, 2) for t in (q, k, v)]  # the caller's contiguous [B, N, H, D] tensors
     out = attention(*bnhd, backend=name, layout="BNHD", quality="fast")
     assert last_backend() == name
-    rel, cos = _errors(out.transpose(1, 2), reference_attention(q, k, v))
+    rel, cos = l2_and_cosine(out.transpose(1, 2), reference_attention(q, k, v))
     max_rel, min_cos = quality.thresholds("fast", torch.bfloat16)
     assert rel <= max_rel and cos >= min_cos, (rel, cos)
