@@ -7,13 +7,17 @@ ComfyUI makes them (contiguous [B, N, H, D], BHND views). About 20 s on the lent
 Per backend and shape: the CUDA time of every kernel the call launches (torch.profiler, 10 calls), the
 wall time per call back to back (what a model pays when the GPU is the bottleneck), and the host time per call
 (the Python side alone: launches queued behind a ~1 s sleep kernel, so the GPU never waits for them; a path that
-synchronises with the device waits for the sleep instead, and is reported as such). Writes fp8_profile.json and
-prints a table.
+synchronises with the device waits for the sleep instead, and is reported as such). For ``fa3_fp8`` also the
+host time of its two parts (the quantiser alone; FA3's FP8 call alone on quantised inputs) and the functions that
+spend its host time (cProfile of 20 queued calls, by own time). Writes fp8_profile.json and prints a table.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import os
 import sys
 import time
@@ -74,6 +78,31 @@ def host_us(run, call, reps=20):
     return host
 
 
+def host_parts(call):
+    """fa3_fp8's host time split: the quantiser alone, FA3's FP8 call alone, and cProfile's top functions."""
+    from genesis_core.attn.backends import fa3_fp8
+    from genesis_core.attn.quant import fp8
+
+    def quantize(c):
+        return fp8.quantize_qkv(c.q, c.k, c.v, fa3_fp8.GRANULARITY, fa3_fp8.SMOOTH_K)
+
+    qkv = quantize(call)
+    parts = {"quantize_host_us": host_us(quantize, call),
+             "attend_host_us": host_us(lambda c: fa3_fp8.attend(qkv, c.scale), call)}
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(20):
+        fa3_fp8.run(call)
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
+    parts["cprofile_top"] = buf.getvalue().splitlines()[-24:]
+    return parts
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=".")
@@ -93,11 +122,20 @@ def main(argv=None):
             except Exception as exc:  # noqa: BLE001 - report and go on
                 lines.append(f"{shape:7s} {name:11s} failed: {type(exc).__name__}: {str(exc)[:120]}")
                 continue
+            if name == "fa3_fp8":
+                try:
+                    row["host_parts"] = host_parts(call)
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    row["host_parts"] = {"failed": f"{type(exc).__name__}: {str(exc)[:200]}"}
             result["rows"].append(row)
             row["waits_for_device"] = row["host_us"] * 20 > 0.25e6  # 20 calls took a good part of the sleep
             host = "waits for the device" if row["waits_for_device"] else f"{row['host_us']:7.1f} us"
             lines.append(f"{shape:7s} {name:11s} {row['wall_ms']:8.3f} ms/call back to back, host {host}")
             lines += [f"        {k['us_per_call']:9.1f} us x{k['calls']} {k['kernel']}" for k in row["kernels"]]
+            hp = row.get("host_parts")
+            if hp:
+                lines += [f"        host parts: {k} = {v:.1f}" for k, v in hp.items() if isinstance(v, float)]
+                lines += ["        " + x for x in hp.get("cprofile_top", [])] + ([f"        {hp['failed']}"] if "failed" in hp else [])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fp8_profile.json"), "w") as f:
         json.dump(result, f, indent=1)

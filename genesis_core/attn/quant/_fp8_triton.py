@@ -2,14 +2,14 @@
 
 q, k and v are quantised together (program axis 2 picks the tensor) in **two launches**:
 
-1. ``_stats`` (grid: token chunks x batch*heads x 3): per chunk the absolute maximum (for smoothed k the
-   per-channel max, min and sum) into a float32 workspace; then an atomic count per (tensor, head). The
+1. ``_stats`` (grid: token chunks x batch*heads x 3; k's programs first, then q's, then v's): per chunk the
+   absolute maximum (for smoothed k the per-channel max, min and sum) into a float32 workspace; then an atomic count per (tensor, head). The
    chunk that completes a head reduces that head's chunks (amax; for smoothed k the per-channel mean and the
    exact amax of ``k - mean`` from the channel extremes, ``max(max_c - mean_c, mean_c - min_c)``, the same
    float32 operations the cast performs) and writes its scale and descale; it then counts the head for its
    tensor, and the head that completes a tensor writes the tensor's spread of head scales and, for a tensor
    quantised per tensor, the shared scale of all its heads. Results do not depend on which program arrives
-   last (maxima are order-free; chunk sums are added in chunk order), so the output is deterministic.
+   last (maxima are order-free; the chunk sums are added in a fixed order), so the output is deterministic.
 2. ``_cast`` (the same grid, walked backwards so the chunks ``_stats`` read last, still in L2, are read
    first): subtract the mean (k), scale, clamp to +-448, round to e4m3 and store contiguous [B, N, H, D].
 
@@ -34,9 +34,12 @@ import triton.language as tl
 from ._triton_launch import Launcher, fast_launch  # noqa: F401  (fast_launch: re-exported for the study)
 
 TILE = 4096  # elements per [BLOCK_N, BLOCK_D] tile
-MAX_CHUNKS = 64  # token chunks per head (bounds the workspace and the reduction of a head)
+# Launch settings measured by scripts/gpu/quant_variants.py (H200, 2026-12-02; BENCHMARKS.md): with smoothed k the
+# statistics launch took 71.8 / 366.9 us (Flux / Wan 480p) at 8 warps and 64 chunks, 38.3 / 285.3 us at 4 and 32.
+MAX_CHUNKS = 32  # token chunks per head (bounds the workspace and the reduction of a head)
 NUM_WARPS = 8  # 16 elements per thread per tile: two 16-byte loads of bf16
-ROWS = tl.constexpr(8)  # chunk rows a head's reduction reads per step (keeps its registers small)
+SMOOTH_WARPS = 4  # the statistics launch with smoothed k (its per-channel max, min and sum per tile)
+RB = tl.constexpr(16)  # chunk rows a smoothed head's reduction reads per step: [16, BLOCK_D] tiles, 8 floats a thread
 HEADS = 128  # heads a tensor's reduction reads at a time
 MAX_EXP = tl.constexpr(60)  # = fp8.MAX_EXPONENT
 
@@ -44,6 +47,13 @@ MAX_EXP = tl.constexpr(60)  # = fp8.MAX_EXPONENT
 @triton.jit
 def _pick(t, a, b, c):
     return tl.where(t == 0, a, tl.where(t == 1, b, c))
+
+
+@triton.jit
+def _tensor_of(p):
+    """The tensor (0 q, 1 k, 2 v) of program-axis-2 index ``p``: k first, so the heads whose reduction is the
+    longest (smoothed k's channel statistics) finish while q and v still stream."""
+    return tl.where(p == 0, 1, tl.where(p == 1, 0, 2))
 
 
 @triton.jit
@@ -138,24 +148,27 @@ def _channel_stats(base, sn, i, limit, offs_d, dmask, BLOCK_N: tl.constexpr, BLO
 
 @triton.jit
 def _head_amax_k(ws, mean_out, KSTAT, bh, nch, NK, D, CHMAX, BLOCK_D: tl.constexpr):
-    """Smoothed k, one head: the mean over tokens from the chunks' channel sums (added in chunk order), stored,
-    and the exact max |k - mean| from the chunks' channel extremes. Volatile loads: the chunks were written
-    by other programs of this launch (ordered before us by the counter's acquire)."""
+    """Smoothed k, one head: the mean over tokens from the chunks' channel sums, stored, and the exact max
+    |k - mean| from the chunks' channel extremes. The chunks' rows are read RB at a time as one [RB, BLOCK_D]
+    tile per statistic, at most MAX_CHUNKS / RB steps (it walked one row at a time with volatile loads: up to 192
+    loads in a row for the one program that finishes a head). Loads go through L2 (``.cg``): the
+    chunks were written by other programs of this launch, ordered before us by the counter's acquire. The sum's
+    order is fixed (tiles in order, one reduction tree per tile), so the mean is deterministic."""
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
+    offs_r = tl.arange(0, RB)
     mx = tl.full([BLOCK_D], float("-inf"), tl.float32)
     mn = tl.full([BLOCK_D], float("inf"), tl.float32)
     sm = tl.zeros([BLOCK_D], dtype=tl.float32)
     j = 0
     while j < nch:
-        for r in tl.static_range(ROWS):  # one chunk after the other: the sum's order is fixed
-            row = j + r
-            m = dmask & (row < nch)
-            p = ws + KSTAT + (bh.to(tl.int64) * CHMAX + row) * (3 * BLOCK_D) + offs_d
-            mx = tl.maximum(mx, tl.load(p, mask=m, other=float("-inf"), volatile=True))
-            mn = tl.minimum(mn, tl.load(p + BLOCK_D, mask=m, other=float("inf"), volatile=True))
-            sm += tl.load(p + 2 * BLOCK_D, mask=m, other=0.0, volatile=True)
-        j += ROWS
+        rows = j + offs_r
+        m = (rows < nch)[:, None] & dmask[None, :]
+        p = ws + KSTAT + (bh.to(tl.int64) * CHMAX + rows[:, None]) * (3 * BLOCK_D) + offs_d[None, :]
+        mx = tl.maximum(mx, tl.max(tl.load(p, mask=m, other=float("-inf"), cache_modifier=".cg"), axis=0))
+        mn = tl.minimum(mn, tl.min(tl.load(p + BLOCK_D, mask=m, other=float("inf"), cache_modifier=".cg"), axis=0))
+        sm += tl.sum(tl.load(p + 2 * BLOCK_D, mask=m, other=0.0, cache_modifier=".cg"), axis=0)
+        j += RB
     mean = tl.where(dmask, sm / NK, 0.0)
     tl.store(mean_out + bh * D + offs_d, mean, mask=dmask)
     dev = tl.where(dmask, tl.maximum(mx - mean, mean - mn), 0.0)
@@ -200,7 +213,7 @@ def _stats(q, k, v, ws, desc, mean, cnt, sqb, sqh, sqn, skb, skh, skn, svb, svh,
            HB: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    t = tl.program_id(2)
+    t = _tensor_of(tl.program_id(2))
     BH = tl.num_programs(1)
     n_tok = tl.where(t == 0, NQ, NK)
     chunk = tl.where(t == 0, CHQ, CHK)
@@ -265,7 +278,7 @@ def _cast(q, k, v, q8, k8, v8, ws, mean_in, sqb, sqh, sqn, skb, skh, skn, svb, s
     BH = tl.num_programs(1)
     c = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = BH - 1 - tl.program_id(1)
-    t = 2 - tl.program_id(2)
+    t = _tensor_of(2 - tl.program_id(2))
     n_tok = tl.where(t == 0, NQ, NK)
     chunk = tl.where(t == 0, CHQ, CHK)
     nch = tl.maximum(tl.cdiv(n_tok, chunk), 1)
@@ -317,7 +330,9 @@ def _dequant(o8, out, desc, N, H, D, factor, BLOCK_N: tl.constexpr, BLOCK_D: tl.
 
 # ---------------------------------------------------------------- launching
 
-_STATS = Launcher(_stats, ("SMOOTH_K", "TENSOR_MASK", "BLOCK_N", "BLOCK_D", "HB"), NUM_WARPS)
+_STATS_NAMES = ("SMOOTH_K", "TENSOR_MASK", "BLOCK_N", "BLOCK_D", "HB")
+_STATS = Launcher(_stats, _STATS_NAMES, NUM_WARPS)
+_STATS_SMOOTH = Launcher(_stats, _STATS_NAMES, SMOOTH_WARPS)
 _CAST = Launcher(_cast, ("SMOOTH_K", "EXACT", "BLOCK_N", "BLOCK_D"), NUM_WARPS)
 _DEQUANT = Launcher(_dequant, ("BLOCK_N", "BLOCK_D"), NUM_WARPS)
 
@@ -387,7 +402,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor_mask:
     mean = descale if m_shape is None else torch.empty(m_shape, dtype=torch.float32, device=dev)
     cnt = counters(n_cnt)
     key = (dev.index, q.dtype, _aligned(q, k, v))
-    _STATS(grid, (q, k, v, ws, descale, mean, cnt) + ints, c_stats, key)
+    (_STATS_SMOOTH if smooth_k else _STATS)(grid, (q, k, v, ws, descale, mean, cnt) + ints, c_stats, key)
     _CAST(grid, (q, k, v, q8, k8, v8, ws, mean) + ints, c_cast, key)
     return q8, k8, v8, descale, None if m_shape is None else mean, ws[:3]
 
