@@ -529,23 +529,23 @@ def test_sage_precision_is_the_class_of_what_sageattn_runs_here(fakes, cap, cls,
     assert all(registry.get(n).precision == "exact" for n in ("flash", "fa2", "fa3", "fa4"))
 
 
-def test_sage2_fp16_is_served_from_33_keys_the_others_from_2(fakes):
-    """sage2_fp16 wrote NaN for 2-32 keys on the H200 (2026-12-02): below 33 keys dispatch must not run it."""
+def test_sage2_fp16_is_served_from_64_keys_the_others_from_2(fakes):
+    """sage2_fp16 wrote NaN for 2-56 keys on the H200 (2026-12-02): below 64 keys dispatch must not run it."""
     fakes.sage(sage2_module())
-    for name, nk, served in (("sage2_fp16", 32, "sdpa"), ("sage2_fp16", 33, "sage2_fp16"),
+    for name, nk, served in (("sage2_fp16", 56, "sdpa"), ("sage2_fp16", 63, "sdpa"), ("sage2_fp16", 64, "sage2_fp16"),
                              ("sage2_fp8", 2, "sage2_fp8"), ("sage2_triton", 2, "sage2_triton")):
         q, k, v = bnhd_inputs(d=64, nk=nk)
         attention(q, k, v, backend=name, layout="BNHD", quality="high")
         assert last_backend() == served, (name, nk, last_backend())
-    why = registry.get("sage2_fp16").reason_for(AttentionCall(*(t.transpose(1, 2) for t in bnhd_inputs(d=64, nk=32)),
+    why = registry.get("sage2_fp16").reason_for(AttentionCall(*(t.transpose(1, 2) for t in bnhd_inputs(d=64, nk=40)),
                                                               None, 0.125))
-    assert why == "key length 32 not supported: needs >= 33", why
+    assert why == "key length 40 not supported: needs >= 64", why
 
 
-def test_sage_on_an_a100_is_refused_below_33_keys_as_its_fp16_kernel_is(fakes):
+def test_sage_on_an_a100_is_refused_below_64_keys_as_its_fp16_kernel_is(fakes):
     """2.x's sageattn runs sageattn_qk_int8_pv_fp16_cuda on compute capability 8.0: the kernel sage2_fp16 is."""
     fakes.sage(sage2_module())
-    for cap, nk, served in (((8, 0), 32, "sdpa"), ((8, 0), 33, "sage"), ((9, 0), 2, "sage"), ((8, 6), 2, "sage")):
+    for cap, nk, served in (((8, 0), 63, "sdpa"), ((8, 0), 64, "sage"), ((9, 0), 2, "sage"), ((8, 6), 2, "sage")):
         fakes.mp.setattr(sage, "_device_cap", lambda device, cap=cap: cap)
         registry.get("sage").reprobe()
         q, k, v = bnhd_inputs(d=64, nk=nk)

@@ -110,9 +110,16 @@ def main(argv=None):
     p.add_argument("--out", default=".")
     p.add_argument("--cpu-dry-run", action="store_true")
     p.add_argument("--backends", default=None, help="comma-separated subset (default: all of the sweep's)")
+    p.add_argument("--dims", default=None, help="comma-separated head dims in place of the grid's")
+    p.add_argument("--nq", default=None, help="comma-separated query lengths in place of the grid's")
+    p.add_argument("--nk", default=None, help="comma-separated key lengths in place of the grid's")
+    p.add_argument("--heads", type=int, default=2, help="heads per call (default 2)")
     args = p.parse_args(argv)
     device = torch.device("cpu" if args.cpu_dry_run else "cuda")
     grid, names = (CPU_GRID, CPU_BACKENDS) if args.cpu_dry_run else (GPU_GRID, GPU_BACKENDS)
+    for key, text in (("d", args.dims), ("nq", args.nq), ("nk", args.nk)):
+        if text:
+            grid = dict(grid, **{key: tuple(int(x) for x in text.split(","))})
     names = args.backends.split(",") if args.backends else names
     result = {"device": str(device), "backends": {}}
     t0 = time.perf_counter()
@@ -122,7 +129,7 @@ def main(argv=None):
             result["backends"][name] = {"unavailable": why}
             print(f"{name}: not run ({why})", flush=True)
             continue
-        cells = sweep(name, grid, device)
+        cells = sweep(name, grid, device, heads=args.heads)
         result["backends"][name] = {"cells": cells}
         print("\n".join(summary(name, cells)), flush=True)
         write(args.out, result)  # after every backend: a run stopped by its time limit keeps what it measured

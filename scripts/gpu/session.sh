@@ -17,12 +17,14 @@
 #   info      python -m genesis_core info, nvidia-smi
 #   waitsage  wait for the SageAttention build (it takes ~200 s on 16 cores)
 #   gputests  pytest -m gpu
+#   interp    the quantiser's Triton tests under TRITON_INTERPRET=1 (tests/test_quant_fp8.py; skipped in CI without Triton)
 #   kernels   scripts/gpu/kernels_gpu.py      (FlashAttention packages, SageAttention 2 sub-kernels)
 #   fp8       scripts/gpu/fp8_gpu.py          (FP8 attention, the fused quantisation, its error)
 #   bench     python -m genesis_core bench    (the BENCHMARKS.md run; bench_gpu.sh)
 #   e2e       scripts/gpu/comfy_e2e_gpu.py    (ComfyUI's Wan 1.3B, Flux, SDXL; needs .comfy)
 #   edges     scripts/gpu/sage_edges.py       (small shapes where SageAttention / FP8 kernels write NaN or lose accuracy)
 #   fp8prof   scripts/gpu/fp8_profile.py      (device time per kernel and host time per call of the FP8 paths)
+#   qvar      scripts/gpu/quant_variants.py   (the quantiser's launch settings, timed and checked bit for bit)
 #   scaleout  scripts/gpu/scaleout.py --gpus 1 (the single-GPU path of the multi-GPU benchmark)
 # Every stage writes under $OUT (logs and JSON) and goes on after a failing stage; the exit code says whether any
 # stage failed.
@@ -80,6 +82,8 @@ for stage in "$@"; do
       tail -n 5 $SAGE/sage.log; cp $SAGE/sage.log "$OUT/" 2>/dev/null; ls -la $SAGE/sageattention/*.so 2>/dev/null ;;
     gputests)
       run gputests 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
+    interp)
+      run interp 240 env TRITON_INTERPRET=1 python3 -m pytest -q -p no:cacheprovider tests/test_quant_fp8.py ;;
     kernels)
       run kernels 240 python3 scripts/gpu/kernels_gpu.py --out "$OUT" ;;
     fp8)
@@ -96,7 +100,9 @@ for stage in "$@"; do
     e2e)
       run e2e 330 python3 scripts/gpu/comfy_e2e_gpu.py --out "$OUT" --budget-s "${E2E_BUDGET_S:-270}" ;;
     edges)
-      run edges 180 python3 scripts/gpu/sage_edges.py --out "$OUT" ;;
+      run edges 180 python3 scripts/gpu/sage_edges.py --out "$OUT" ${EDGES_ARGS:-} ;;
+    qvar)
+      run qvar 150 python3 scripts/gpu/quant_variants.py --out "$OUT" ;;
     fp8prof)
       run fp8prof 120 python3 scripts/gpu/fp8_profile.py --out "$OUT" ;;
     scaleout)

@@ -175,19 +175,21 @@ def _device_cap(device) -> Tuple[int, int]:
     return capability(dev) if dev.type == "cuda" else (0, 0)
 
 
-# sageattn_qk_int8_pv_fp16_cuda wrote NaN for every key length from 2 to 32 on an H200 (2026-12-02, as sage2_fp16);
+# sageattn_qk_int8_pv_fp16_cuda wrote NaN for every key length from 2 to 32 on an H200 (2026-12-02, as sage2_fp16),
+# and, with one head, now and then from 33 to 56 (head dims 40 and 48, 11 of 720 cells; a GPU test drew it at head dim
+# 96): never from 63 keys up in four sweeps (scripts/gpu/sage_edges.py). Served from 64 keys, one of its key blocks.
 # 2.x's sageattn runs that kernel on compute capability 8.0 (A100): refused there too (inferred, not measured on one).
-FP16_CUDA_MIN_KV_LEN = 33
+FP16_CUDA_MIN_KV_LEN = 64
 
 
 def _unsupported(call: AttentionCall) -> Optional[str]:
     """What depends on the installed version: 1.x's head dims and its 64-key blocks; 2.x's FP16 P·V CUDA kernel
-    (what sageattn runs on compute capability 8.0) needs at least 33 keys."""
+    (what sageattn runs on compute capability 8.0) needs at least 64 keys."""
     if _major() != 1:
         if call.kv_len < FP16_CUDA_MIN_KV_LEN and \
                 dispatched(_device_cap(call.device))[0] == "sageattn_qk_int8_pv_fp16_cuda":
             return (f"key length {call.kv_len} not supported: sageattn runs sageattn_qk_int8_pv_fp16_cuda on this GPU, "
-                    f"which needs at least {FP16_CUDA_MIN_KV_LEN} keys (it returned NaN below that on an H200)")
+                    f"which needs at least {FP16_CUDA_MIN_KV_LEN} keys (it returned NaN for fewer on an H200)")
         return None
     if call.head_dim not in HEAD_DIMS_1X:
         return f"head_dim {call.head_dim} not supported: needs one of {HEAD_DIMS_1X} (SageAttention 1.x)"
