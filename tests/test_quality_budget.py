@@ -212,6 +212,27 @@ def test_one_measurement_serves_every_budget_and_a_stricter_level_refuses_with_t
     assert "relative error" in refused["int8_mid"] and "quality 'high'" in refused["int8_mid"]
 
 
+def test_the_measurement_log_says_what_each_level_serves(lossy, caplog):
+    """The log line of a measurement named only exact's choice ("chose flash" on Wan 480p, where fast served
+    fa3_fp8, H200 2026-12-02): where the levels differ it names each level's pick."""
+    from genesis_core.attn.autotune import store
+    lossy("fp8_fastest", _noisy(quality.LOSSY["fast"][0] / 4))
+    q, k, v = qkv()
+    genesis_core.attention(q, k, v, quality="fast")
+    sig = next(iter(autotune.timings()))
+    entry = autotune.lookup(sig)
+    entry = dict(entry, ms=dict(entry["ms"], fp8_fastest=min(entry["ms"].values()) / 10))
+    exact = autotune.pick(entry, list(entry["ms"]), "exact")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="genesis"):
+        store.log_entry(sig, entry)
+    msg = caplog.records[-1].getMessage()
+    assert f"chose {exact} at exact, {exact} at high, fp8_fastest at fast; " in msg, msg
+    with caplog.at_level("INFO", logger="genesis"):
+        store.log_entry(sig, dict(entry, ms={n: t for n, t in entry["ms"].items() if n != "fp8_fastest"}))
+    assert f"chose {entry['chosen']}; " in caplog.records[-1].getMessage()
+
+
 def test_explicit_lossy_choice_is_guarded_on_the_live_inputs(lossy, genesis_log):
     autotune.set_mode("off")  # no autotuner data: the guard alone decides
     lossy("fp8_stale", _stale())

@@ -12,8 +12,9 @@ from typing import Dict, List
 import torch
 
 from ... import _log
-from .. import registry
+from .. import quality, registry
 from . import disk
+from .ranking import pick
 from .signatures import accel_env_is_cheap, environment, kind_of
 
 _lock = threading.RLock()  # guards _entries / _disks / _loaded
@@ -129,6 +130,9 @@ def log_entry(sig: str, entry: dict) -> None:
     parts = [f"{n} {ms[n]:.3f} ms" for n in sorted(ms, key=ms.get)]
     rej = [f"{n} ({r})" for n, r in entry["rejected"].items()]
     chosen = entry["chosen"] or "default order (no candidate passed)"
+    picks = {level: pick(entry, list(ms), level) for level in quality.LEVELS}
+    if len(set(picks.values())) > 1:  # say what each level serves, not only exact's choice
+        chosen = ", ".join(f"{p or 'the default order'} at {level}" for level, p in picks.items())
     msg = f"autotune {sig}: chose {chosen}; " + ", ".join(parts)
     if rej:
         msg += "; rejected: " + "; ".join(rej)
