@@ -430,7 +430,8 @@ def test_the_gpu_study_runs_its_cpu_dry_run(tmp_path):
              and r["granularity"] == "head"}
     assert all(smooth[s] < plain[s] for s in smooth)  # k smoothing pays off on k with a channel offset
     assert any(r["what"].startswith("sdpa bf16") and r["ms"] for r in out["timing"])
-    assert out["env"]["backends"]["fa3_fp8"]["reason"]  # nothing FP8 runs on a CPU
+    if not torch.cuda.is_available():  # the report probes the machine: with a Hopper GPU FA3's FP8 path may run
+        assert out["env"]["backends"]["fa3_fp8"]["reason"]  # nothing FP8 runs on a CPU
 
 
 AOT_SCRIPT = r'''
