@@ -150,8 +150,8 @@ def _channel_stats(base, sn, i, limit, offs_d, dmask, BLOCK_N: tl.constexpr, BLO
 def _head_amax_k(ws, mean_out, KSTAT, bh, nch, NK, D, CHMAX, BLOCK_D: tl.constexpr):
     """Smoothed k, one head: the mean over tokens from the chunks' channel sums, stored, and the exact max
     |k - mean| from the chunks' channel extremes. The chunks' rows are read RB at a time as one [RB, BLOCK_D]
-    tile per statistic, at most MAX_CHUNKS / RB steps (it walked one row at a time with volatile loads: up to 192
-    loads in a row for the one program that finishes a head). Loads go through L2 (``.cg``): the
+    tile per statistic, at most MAX_CHUNKS / RB steps (one row at a time before: no measurable difference on the
+    H200, the launch settings were what counted). Loads go through L2 (``.cg``): the
     chunks were written by other programs of this launch, ordered before us by the counter's acquire. The sum's
     order is fixed (tiles in order, one reduction tree per tile), so the mean is deterministic."""
     offs_d = tl.arange(0, BLOCK_D)
