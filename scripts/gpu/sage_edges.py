@@ -4,7 +4,8 @@ shapes on the lent H200 (about 30-60 s):
     PYTHONPATH=/tmp/site:/tmp/sage:$PWD python3 scripts/gpu/sage_edges.py --out $OUT
 
 The first H200 runs (2026-12-01/02) saw NaN from ``sage2_fp16`` at q [1, 1, 1, 40], k/v [1, 1, 2, 40] and from
-every SageAttention kernel with a single key. For each backend that runs here and each (Nq, Nk, head_dim, dtype)
+every SageAttention kernel with a single key; the third, with ``--heads 1``, from ``sage2_fp16`` now and then at
+33-56 keys (two heads never showed it there: sweep both). For each backend that runs here and each (Nq, Nk, head_dim, dtype)
 of a grid around the kernels' block sizes, this calls the backend's ``run`` directly (no dispatch guard) on
 output memory filled with NaN first, and records whether the output is finite and its relative L2 error and
 cosine against float64. Writes sage_edges.json (every cell) and prints, per backend, the cells that failed
@@ -33,7 +34,8 @@ from genesis_core.attn.types import AttentionCall  # noqa: E402
 GPU_BACKENDS = ("sage", "sage2_fp8", "sage2_fp16", "sage2_triton", "fa3_fp8")
 CPU_BACKENDS = ("pytorch", "sdpa")
 LEVEL = {"exact": "exact", "int8": "fast", "fp8": "fast"}
-GPU_GRID = dict(nq=(1, 2, 3, 15, 16, 17, 63, 64, 65, 128, 129), nk=(1, 2, 3, 15, 16, 17, 64, 127, 128, 129, 300),
+GPU_GRID = dict(nq=(1, 2, 3, 15, 16, 17, 63, 64, 65, 128, 129),
+                nk=(1, 2, 3, 15, 16, 17, 33, 48, 63, 64, 127, 128, 129, 300),
                 d=(40, 64, 80, 128), dtype=(torch.float16, torch.bfloat16))
 CPU_GRID = dict(nq=(1, 3), nk=(1, 2), d=(16,), dtype=(torch.float32,))
 
