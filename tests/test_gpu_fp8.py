@@ -94,7 +94,7 @@ def test_direct_launches_match_triton_launches_bit_for_bit():
             kern.fast_launch(fast)
             results.append(fp8.quantize_qkv(q, k, v, granularity, smooth_k=True))
         torch.cuda.synchronize()
-        assert kern.fast_launch() and len(kern._STATS.compiled) + len(kern._STATS_SMOOTH.compiled) >= 1 and len(kern._CAST.compiled) >= 1
+        assert kern.fast_launch() and len(kern._STATS_SMOOTH.compiled) >= 1 and len(kern._CAST.compiled) >= 1
         for r in results:
             _check_against_reference(r, q, k, v, granularity, True)
     o8 = (torch.randn(2, 100, 3, 128, device="cuda") * 50).clamp(-440, 440).to(E4M3)

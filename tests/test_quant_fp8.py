@@ -448,14 +448,14 @@ PTRS = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "q8": "*fp8e4nv", "k8": "*fp8e
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def build(fn, constexprs, ptrs=PTRS):
+def build(fn, constexprs, ptrs=PTRS, num_warps=K.NUM_WARPS):
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         sig[name] = "constexpr" if name in constexprs else ptrs.get(name, "fp32" if name == "factor" else "i32")
         if name in DIV16:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": K.NUM_WARPS}).asm["ptx"]
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
 
 
 def registers(ptx):
@@ -470,7 +470,8 @@ def registers(ptx):
 
 
 ptx = {
-    "stats": build(K._stats, dict(SMOOTH_K=True, TENSOR_MASK=3, BLOCK_N=32, BLOCK_D=128, HB=K.HEADS)),
+    "stats": build(K._stats, dict(SMOOTH_K=True, TENSOR_MASK=3, BLOCK_N=32, BLOCK_D=128, HB=K.HEADS),
+                   num_warps=K.SMOOTH_WARPS),
     "stats_plain": build(K._stats, dict(SMOOTH_K=False, TENSOR_MASK=0, BLOCK_N=32, BLOCK_D=128, HB=K.HEADS)),
     "cast": build(K._cast, dict(SMOOTH_K=True, EXACT=False, BLOCK_N=32, BLOCK_D=128)),
     "dequant": build(K._dequant, dict(BLOCK_N=32, BLOCK_D=128)),
@@ -487,8 +488,9 @@ json.dump({k: {"v4_loads": "ld.global.v4" in p, "fp8_cvt": "cvt.rn.satfinite.e4m
 def test_the_kernels_compile_for_sm90_ahead_of_time():
     """Triton compiles the kernels for sm_90 without a GPU: what the interpreter cannot check (types across
     branches, pointer selects, while loops, acq_rel atomics), plus 16-byte vector loads, the
-    round-to-nearest-even e4m3 cast, and (with Triton's ptxas) registers and spills: the statistics kernel
-    (streaming plus a head's reduction) stays at 80 registers or fewer (3 CTAs of 256 threads per SM)."""
+    round-to-nearest-even e4m3 cast, and (with Triton's ptxas) registers and spills, each kernel compiled with the
+    warps it ships with: the smoothed statistics kernel (4 warps; 128 registers measured on the H200, 2026-12-02)
+    at 128 or fewer (4 programs of 128 threads per SM), the others at 80 or fewer."""
     import json
     import subprocess
     import sys
@@ -506,4 +508,4 @@ def test_the_kernels_compile_for_sm90_ahead_of_time():
     assert got["stats"]["acq_rel_atomics"] == 2 and got["stats_plain"]["acq_rel_atomics"] == 2, got
     for name in ("stats", "stats_plain", "cast", "dequant", "dequant_fp16"):
         rs = got[name]["regs_spill"]
-        assert rs is None or (rs[0] <= 80 and rs[1] <= 8), (name, rs)
+        assert rs is None or (rs[0] <= (128 if name == "stats" else 80) and rs[1] <= 8), (name, rs)

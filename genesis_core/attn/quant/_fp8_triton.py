@@ -3,8 +3,8 @@
 q, k and v are quantised together (program axis 2 picks the tensor) in **two launches**:
 
 1. ``_stats`` (grid: token chunks x batch*heads x 3; k's programs first, then q's, then v's): per chunk the
-   absolute maximum (for smoothed k the per-channel max, min and sum) into a float32 workspace; then an atomic count per (tensor, head). The
-   chunk that completes a head reduces that head's chunks (amax; for smoothed k the per-channel mean and the
+   absolute maximum (for smoothed k the per-channel max, min and sum) into a float32 workspace; then an atomic
+   count per (tensor, head). The chunk that completes a head reduces its chunks (amax; for smoothed k the mean and the
    exact amax of ``k - mean`` from the channel extremes, ``max(max_c - mean_c, mean_c - min_c)``, the same
    float32 operations the cast performs) and writes its scale and descale; it then counts the head for its
    tensor, and the head that completes a tensor writes the tensor's spread of head scales and, for a tensor
@@ -20,8 +20,7 @@ set back to 0 by the program that completes it (see :func:`.fp8.counters`).
 ``_dequant`` turns an e4m3 [B, N, H, D] attention output back into half precision times a per-head factor
 (3 bytes per element, one launch).
 
-Launching: :class:`._triton_launch.Launcher` (Triton's ``kernel[grid]`` the first time per key, the compiled
-kernel directly after that).
+Launching: :class:`._triton_launch.Launcher` (``kernel[grid]`` the first time per key, then the compiled kernel).
 """
 from __future__ import annotations
 
@@ -34,12 +33,13 @@ import triton.language as tl
 from ._triton_launch import Launcher, fast_launch  # noqa: F401  (fast_launch: re-exported for the study)
 
 TILE = 4096  # elements per [BLOCK_N, BLOCK_D] tile
-# Launch settings measured by scripts/gpu/quant_variants.py (H200, 2026-12-02; BENCHMARKS.md): with smoothed k the
-# statistics launch took 71.8 / 366.9 us (Flux / Wan 480p) at 8 warps and 64 chunks, 38.3 / 285.3 us at 4 and 32.
+# Launch settings measured by scripts/gpu/quant_variants.py (H200, 2026-12-02 01:42; BENCHMARKS.md): with smoothed k
+# the statistics launch took 71.4 / 367.2 us (Flux / Wan 480p) at 8 warps and 64 chunks, 38.1 / 285.0 us at 4 and 32.
 MAX_CHUNKS = 32  # token chunks per head (bounds the workspace and the reduction of a head)
-NUM_WARPS = 8  # 16 elements per thread per tile: two 16-byte loads of bf16
+CHUNK_SLOTS = tl.constexpr(64)  # a head's chunk maxima are read as one block of this many (>= MAX_CHUNKS, asserted)
+NUM_WARPS = 8  # at 8 warps a [BLOCK_N, BLOCK_D] tile is 16 elements a thread: two 16-byte loads of bf16
 SMOOTH_WARPS = 4  # the statistics launch with smoothed k (its per-channel max, min and sum per tile)
-RB = tl.constexpr(16)  # chunk rows a smoothed head's reduction reads per step: [16, BLOCK_D] tiles, 8 floats a thread
+RB = tl.constexpr(16)  # chunk rows a smoothed head's reduction reads per step, as [16, BLOCK_D] tiles
 HEADS = 128  # heads a tensor's reduction reads at a time
 MAX_EXP = tl.constexpr(60)  # = fp8.MAX_EXPONENT
 
@@ -249,11 +249,11 @@ def _stats(q, k, v, ws, desc, mean, cnt, sqb, sqh, sqn, skb, skh, skn, svb, svh,
                 if t == 1:
                     amax = _head_amax_k(ws, mean, KSTAT, bh, nch, NK, D, CHMAX, BLOCK_D)
                 else:
-                    offs_c = tl.arange(0, 64)
+                    offs_c = tl.arange(0, CHUNK_SLOTS)
                     amax = _nanmax(tl.load(ws + PART + (t * BH + bh) * CHMAX + offs_c, mask=offs_c < nch, other=0.0,
                                            volatile=True))
             else:
-                offs_c = tl.arange(0, 64)
+                offs_c = tl.arange(0, CHUNK_SLOTS)
                 amax = _nanmax(tl.load(ws + PART + (t * BH + bh) * CHMAX + offs_c, mask=offs_c < nch, other=0.0,
                                        volatile=True))
             s = _exponent(amax)
@@ -356,6 +356,7 @@ def _blocks(d: int) -> Tuple[int, int]:
 def chunks(n: int, block_n: int) -> Tuple[int, int]:
     """(tokens per program, programs per head) for ``n`` tokens: at most MAX_CHUNKS programs per head,
     each a whole number of ``block_n`` tiles."""
+    assert MAX_CHUNKS <= CHUNK_SLOTS.value, "a head's chunk maxima are read as one block of CHUNK_SLOTS"
     per = -(-max(n, 1) // MAX_CHUNKS)
     per = -(-per // block_n) * block_n
     return per, -(-max(n, 1) // per)
