@@ -135,7 +135,8 @@ def main(argv=None):
             hp = row.get("host_parts")
             if hp:
                 lines += [f"        host parts: {k} = {v:.1f}" for k, v in hp.items() if isinstance(v, float)]
-                lines += ["        " + x for x in hp.get("cprofile_top", [])] + ([f"        {hp['failed']}"] if "failed" in hp else [])
+                lines += ["        " + x for x in hp.get("cprofile_top", [])]
+                lines += [f"        {hp['failed']}"] if "failed" in hp else []
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fp8_profile.json"), "w") as f:
         json.dump(result, f, indent=1)

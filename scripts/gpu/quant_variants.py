@@ -7,7 +7,8 @@ shipped settings:
 Per variant of the statistics launch (warps per program, elements per tile, token chunks per head; k smoothing
 on or off): the device time of ``_stats`` and ``_cast`` (torch.profiler, 10 calls; the chunks per head and the
 tile are the cast's too) and whether q8, k8, v8, the descales and the k mean equal the shipped settings' bytes,
-with the compiled statistics kernel's registers/spills per thread (what decides how many programs an SM holds). Writes quant_variants.json and prints a table. About 30 s.
+with the compiled statistics kernel's registers/spills per thread (what decides how many programs an SM holds).
+Writes quant_variants.json and prints a table. About 30 s.
 """
 from __future__ import annotations
 

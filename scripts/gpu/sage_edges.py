@@ -5,7 +5,8 @@ shapes on the lent H200 (about 30-60 s):
 
 The first H200 runs (2026-12-01/02) saw NaN from ``sage2_fp16`` at q [1, 1, 1, 40], k/v [1, 1, 2, 40] and from
 every SageAttention kernel with a single key; the third, with ``--heads 1``, from ``sage2_fp16`` now and then at
-33-56 keys (two heads never showed it there: sweep both). For each backend that runs here and each (Nq, Nk, head_dim, dtype)
+33-56 keys (two heads never showed it there: sweep both; ``--ignore-limits`` runs the cells a backend's declared
+limits refuse, to check those limits again). For each backend that runs here and each (Nq, Nk, head_dim, dtype)
 of a grid around the kernels' block sizes, this calls the backend's ``run`` directly (no dispatch guard) on
 output memory filled with NaN first, and records whether the output is finite and its relative L2 error and
 cosine against float64. Writes sage_edges.json (every cell) and prints, per backend, the cells that failed
@@ -54,7 +55,7 @@ def errors(out, ref):
     return rel, cos
 
 
-def sweep(name, grid, device, heads=2, seed=0):
+def sweep(name, grid, device, heads=2, seed=0, ignore_limits=False):
     b = registry.get(name)
     level = LEVEL[b.precision]
     cells = []
@@ -66,7 +67,9 @@ def sweep(name, grid, device, heads=2, seed=0):
         call = AttentionCall(q, k, v, None, d ** -0.5)
         cell = {"nq": nq, "nk": nk, "d": d, "dtype": str(dtype).replace("torch.", "")}
         why = b.reason_for(call)
-        if why is not None:
+        if why is not None and ignore_limits:
+            cell["limits_refuse"] = why
+        elif why is not None:
             cell["refused"] = why
             cells.append(cell)
             continue
@@ -116,6 +119,7 @@ def main(argv=None):
     p.add_argument("--nq", default=None, help="comma-separated query lengths in place of the grid's")
     p.add_argument("--nk", default=None, help="comma-separated key lengths in place of the grid's")
     p.add_argument("--heads", type=int, default=2, help="heads per call (default 2)")
+    p.add_argument("--ignore-limits", action="store_true", help="run the cells the backend's limits refuse too")
     args = p.parse_args(argv)
     device = torch.device("cpu" if args.cpu_dry_run else "cuda")
     grid, names = (CPU_GRID, CPU_BACKENDS) if args.cpu_dry_run else (GPU_GRID, GPU_BACKENDS)
@@ -123,7 +127,8 @@ def main(argv=None):
         if text:
             grid = dict(grid, **{key: tuple(int(x) for x in text.split(","))})
     names = args.backends.split(",") if args.backends else names
-    result = {"device": str(device), "backends": {}}
+    result = {"device": str(device), "args": vars(args), "grid": {k: [str(x) for x in v] for k, v in grid.items()},
+              "backends": {}}
     t0 = time.perf_counter()
     for name in names:
         why = registry.get(name).available()
@@ -131,7 +136,7 @@ def main(argv=None):
             result["backends"][name] = {"unavailable": why}
             print(f"{name}: not run ({why})", flush=True)
             continue
-        cells = sweep(name, grid, device, heads=args.heads)
+        cells = sweep(name, grid, device, heads=args.heads, ignore_limits=args.ignore_limits)
         result["backends"][name] = {"cells": cells}
         print("\n".join(summary(name, cells)), flush=True)
         write(args.out, result)  # after every backend: a run stopped by its time limit keeps what it measured

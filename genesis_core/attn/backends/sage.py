@@ -176,8 +176,9 @@ def _device_cap(device) -> Tuple[int, int]:
 
 
 # sageattn_qk_int8_pv_fp16_cuda wrote NaN for every key length from 2 to 32 on an H200 (2026-12-02, as sage2_fp16),
-# and, with one head, now and then from 33 to 56 (head dims 40 and 48, 11 of 720 cells; a GPU test drew it at head dim
-# 96): never from 63 keys up in four sweeps (scripts/gpu/sage_edges.py). Served from 64 keys, one of its key blocks.
+# and, with one head, now and then from 33 to 56 (head dims 40 and 48, 11 of 720 cells of one sweep; a GPU test drew
+# it once at head dim 96, its key count not recorded). From 63 keys up nothing failed: one sweep with one head (63,
+# 64, 65, 96 keys), three with two heads (64-300 keys; scripts/gpu/sage_edges.py). Served from 64 keys.
 # 2.x's sageattn runs that kernel on compute capability 8.0 (A100): refused there too (inferred, not measured on one).
 FP16_CUDA_MIN_KV_LEN = 64
 

@@ -41,7 +41,8 @@ VARIANTS: Dict[str, Tuple[str, Tuple[int, int], str]] = {
 
 # Shortest key sequence each kernel is served for. One smoothed key is all zeros (NaN from every kernel, seen at
 # Nq = Nk = 1); sage2_fp16 (sageattn_qk_int8_pv_fp16_cuda) wrote NaN for fewer than 64 keys (see
-# sage.FP16_CUDA_MIN_KV_LEN: every Nk from 2 to 32, now and then up to 56) on an H200 (2026-12-02, scripts/gpu/sage_edges.py).
+# sage.FP16_CUDA_MIN_KV_LEN: every Nk from 2 to 32, now and then up to 56) on an H200 (2026-12-02,
+# scripts/gpu/sage_edges.py).
 MIN_KV_LEN = {"sage2_fp8": 2, "sage2_fp16": sage.FP16_CUDA_MIN_KV_LEN, "sage2_triton": 2}
 
 
