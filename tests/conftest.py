@@ -12,6 +12,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# Without CUDA, Genesis's Triton kernels (the FP8 quantiser) run in Triton's CPU interpreter. Triton reads the switch
+# when a kernel is decorated, at the first import, and any test module may import them first: set it here, once.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from genesis_core import _log  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
