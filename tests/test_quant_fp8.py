@@ -310,6 +310,37 @@ def test_triton_heads_spanning_several_chunks():
 
 
 @needs_interpreter
+def test_triton_smoothed_head_reduction_over_more_than_one_tile_of_chunks():
+    """1100 keys at D=128 make 18 chunks a head: the head's reduction reads them as a 16-row tile and a 2-row one.
+    The extremes sit in the second tile's chunks; the k mean and every byte must match the reference."""
+    kern = fp8._kernels()
+    per, nch = kern.chunks(1100, kern._blocks(128)[0])
+    assert nch > kern.RB.value and nch <= kern.MAX_CHUNKS, (per, nch)
+    q, k, v = _inputs("BNHD", 1, 2, 40, 1100, 128, torch.bfloat16, k_bias=4.0, seed=11)
+    k[0, 1, 1090, 5], k[0, 0, 1099, 9] = 250.0, -250.0
+    got = fp8.quantize_qkv(q, k, v, "head", smooth_k=True)
+    ref = fp8.quantize_qkv_reference(q, k, v, "head", smooth_k=True)
+    assert torch.allclose(got.k_mean, ref.k_mean, rtol=1e-5, atol=1e-6)  # summed in another order, not bit for bit
+    _same(got, fp8.quantize_qkv_reference(q, k, v, "head", smooth_k=True, k_mean=got.k_mean))
+
+
+@needs_interpreter
+def test_smoothed_and_plain_calls_take_their_own_statistics_launch(monkeypatch):
+    """Smoothed k takes the 4-warp statistics launcher, plain calls the 8-warp one (measured faster each way)."""
+    kern = fp8._kernels()
+    used = []
+    for name in ("_STATS", "_STATS_SMOOTH"):
+        launcher = getattr(kern, name)
+        monkeypatch.setattr(kern, name, lambda *a, _l=launcher, _n=name: (used.append(_n), _l(*a))[1])
+    q, k, v = _inputs("BNHD", 1, 2, 20, 30, 32, torch.float16, seed=5)
+    fp8.quantize_qkv(q, k, v, "head", smooth_k=True)
+    fp8.quantize_qkv(q, k, v, "head", smooth_k=False)
+    assert used == ["_STATS_SMOOTH", "_STATS"], used
+    monkeypatch.undo()
+    assert (kern._STATS_SMOOTH.num_warps, kern._STATS.num_warps) == (kern.SMOOTH_WARPS, kern.NUM_WARPS) == (4, 8)
+
+
+@needs_interpreter
 def test_triton_rounding_is_nearest_even_at_ties_and_binade_edges():
     # amax 448 gives scale 1: the values land on the grid as given (ties between e4m3 neighbours, carries
     # into the next binade, subnormals)
