@@ -188,6 +188,15 @@ def assert_close(got, want):
     assert err <= 2e-4 * max(1.0, scale), f"max abs error {err:.3e} (output scale {scale:.3e})"
 
 
+def sequence_matches_one_process(pool, spec, inputs, mesh, ring_impl="ring"):
+    """Sequence mode on ``mesh`` (Ulysses, ring) against one process on the same inputs; each rank's runner stats."""
+    payload = payload_for(pool, spec)
+    want = pool.run(one_process, payload, inputs)[0]
+    got, _, key = run_parallel(pool, payload, inputs, cfg=1, ulysses=mesh[0], ring=mesh[1], ring_impl=ring_impl)
+    assert_close(got, want)
+    return pool.run(runner_stats, key)
+
+
 # ---------------------------------------------------------------- tests
 
 
@@ -196,12 +205,8 @@ def assert_close(got, want):
        w=st.sampled_from([4, 8, 9]), mesh=st.sampled_from([(4, 1), (2, 2), (1, 4)]),
        ring_impl=st.sampled_from(["ring", "allgather"]))
 def test_wan_sequence_parallel_on_four_ranks_matches_one_process(pool4, seed, frames, h, w, mesh, ring_impl):
-    payload = payload_for(pool4, WAN)
     inputs = wan_inputs(torch.Generator().manual_seed(seed), 1, frames, h, w)
-    want = pool4.run(one_process, payload, inputs)[0]
-    got, session, key = run_parallel(pool4, payload, inputs, cfg=1, ulysses=mesh[0], ring=mesh[1], ring_impl=ring_impl)
-    assert_close(got, want)
-    stats = pool4.run(runner_stats, key)
+    stats = sequence_matches_one_process(pool4, WAN, inputs, mesh, ring_impl)
     assert all(s["sharded"] == WAN["kwargs"]["num_layers"] for s in stats)  # every self-attention was sharded
     assert all(s["local"] == WAN["kwargs"]["num_layers"] for s in stats)    # every cross-attention stayed local
 
@@ -210,12 +215,8 @@ def test_wan_sequence_parallel_on_four_ranks_matches_one_process(pool4, seed, fr
 @given(seed=st.integers(0, 2**31 - 1), h=st.sampled_from([4, 6, 10]), w=st.sampled_from([4, 8, 10]),
        ctx_len=st.integers(1, 9), mesh=st.sampled_from([(4, 1), (2, 2), (1, 4)]))
 def test_flux_sequence_parallel_on_four_ranks_matches_one_process(pool4, seed, h, w, ctx_len, mesh):
-    payload = payload_for(pool4, FLUX)
     inputs = flux_inputs(torch.Generator().manual_seed(seed), 1, h, w, ctx_len)
-    want = pool4.run(one_process, payload, inputs)[0]
-    got, session, key = run_parallel(pool4, payload, inputs, cfg=1, ulysses=mesh[0], ring=mesh[1])
-    assert_close(got, want)
-    stats = pool4.run(runner_stats, key)
+    stats = sequence_matches_one_process(pool4, FLUX, inputs, mesh)
     blocks = FLUX["kwargs"]["depth"] + FLUX["kwargs"]["depth_single_blocks"]
     assert all(s["sharded"] == blocks and s["local"] == 0 for s in stats)
 
@@ -224,12 +225,8 @@ def test_flux_sequence_parallel_on_four_ranks_matches_one_process(pool4, seed, h
 @given(seed=st.integers(0, 2**31 - 1), h=st.sampled_from([4, 7, 10]), w=st.sampled_from([4, 6, 9]),
        ctx_len=st.integers(1, 9), mesh=st.sampled_from([(4, 1), (2, 2), (1, 4)]))
 def test_sd3_sequence_parallel_on_four_ranks_matches_one_process(pool4, seed, h, w, ctx_len, mesh):
-    payload = payload_for(pool4, SD3)
     inputs = sd3_inputs(torch.Generator().manual_seed(seed), 1, h, w, ctx_len)
-    want = pool4.run(one_process, payload, inputs)[0]
-    got, session, key = run_parallel(pool4, payload, inputs, cfg=1, ulysses=mesh[0], ring=mesh[1])
-    assert_close(got, want)
-    stats = pool4.run(runner_stats, key)
+    stats = sequence_matches_one_process(pool4, SD3, inputs, mesh)
     calls = SD3["kwargs"]["depth"] + len(SD3["kwargs"]["x_block_self_attn_layers"])  # joint + image-only
     assert all(s["sharded"] == calls and s["local"] == 0 for s in stats)
 
@@ -241,12 +238,8 @@ def test_sd3_sequence_parallel_on_four_ranks_matches_one_process(pool4, seed, h,
        ring_impl=st.sampled_from(["ring", "allgather"]))
 def test_hunyuan_video_sequence_parallel_on_four_ranks_matches_one_process(pool4, seed, frames, h, w, ctx_len, mesh,
                                                                           mask, guiding, ring_impl):
-    payload = payload_for(pool4, HUNYUAN)
     inputs = hunyuan_inputs(torch.Generator().manual_seed(seed), 1, frames, h, w, ctx_len, mask, guiding)
-    want = pool4.run(one_process, payload, inputs)[0]
-    got, session, key = run_parallel(pool4, payload, inputs, cfg=1, ulysses=mesh[0], ring=mesh[1], ring_impl=ring_impl)
-    assert_close(got, want)
-    stats = pool4.run(runner_stats, key)
+    stats = sequence_matches_one_process(pool4, HUNYUAN, inputs, mesh, ring_impl)
     blocks = HUNYUAN["kwargs"]["depth"] + HUNYUAN["kwargs"]["depth_single_blocks"]
     assert all(s["sharded"] == blocks and s["local"] == 2 for s in stats)  # the text refiner's 2 blocks: local
 
