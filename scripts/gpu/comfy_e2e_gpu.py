@@ -38,12 +38,10 @@ limit. Writes ``comfy_e2e_gpu.json`` under ``--out`` and prints a verdict table 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import math
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -57,6 +55,9 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _limits import sync, time_limit  # noqa: E402
 
 from genesis_core._timing import time_runs  # noqa: E402
 from genesis_core.attn import autotune, registry  # noqa: E402
@@ -71,21 +72,6 @@ RESULT: dict = {"models": {}, "checks": {}, "errors": [], "notes": []}
 
 class OutOfTime(Exception):
     pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: int):
-    """Raise TimeoutError in the main thread after ``seconds`` (a kernel that compiles or hangs in Python)."""
-    def handler(signum, frame):
-        raise TimeoutError(f"over {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.alarm(max(1, int(seconds)))
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # ---------------------------------------------------------------- setup
@@ -130,11 +116,6 @@ class Clock:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_s(fn, device: torch.device) -> float:

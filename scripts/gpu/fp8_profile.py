@@ -25,6 +25,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _limits import kernel_times  # noqa: E402
 
 from genesis_core.attn import registry  # noqa: E402
 from genesis_core.attn.types import AttentionCall  # noqa: E402
@@ -40,18 +43,7 @@ def make_call(b, h, n, d):
 
 
 def kernels(run, call):
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(CALLS):
-            run(call)
-        torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t > 0 and e.count >= CALLS:
-            rows.append({"kernel": e.key[:90], "calls": e.count // CALLS, "us_per_call": t / CALLS})
-    return sorted(rows, key=lambda r: -r["us_per_call"])[:8]
+    return kernel_times(lambda: run(call), CALLS)[:8]
 
 
 def wall_ms(run, call, reps=20):

@@ -20,7 +20,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _limits import kernel_times  # noqa: E402
 from genesis_core.attn.quant import fp8  # noqa: E402
 
 SHAPES = {"flux": (1, 24, 4608, 128), "wan480": (1, 40, 32760, 128)}
@@ -28,20 +30,9 @@ CALLS = 10
 
 
 def kernel_us(fn):
-    from torch.profiler import ProfilerActivity, profile
-
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(CALLS):
-            fn()
-        torch.cuda.synchronize()
-    out = {}
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if e.key in ("_stats", "_cast"):
-            out[e.key] = t / CALLS
-    return out
+    return {r["kernel"]: r["us_per_call"] for r in kernel_times(fn, CALLS) if r["kernel"] in ("_stats", "_cast")}
 
 
 VARIANTS = [(8, 4096, 64), (4, 4096, 64), (4, 2048, 64), (8, 4096, 32), (4, 4096, 32), (4, 4096, 16),
