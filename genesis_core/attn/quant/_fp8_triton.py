@@ -51,8 +51,7 @@ def _pick(t, a, b, c):
 
 @triton.jit
 def _tensor_of(p):
-    """The tensor (0 q, 1 k, 2 v) of program-axis-2 index ``p``: k first, so the heads whose reduction is the
-    longest (smoothed k's channel statistics) finish while q and v still stream."""
+    """Tensor (0 q, 1 k, 2 v) of program-axis-2 index ``p``: k first, its longer head reductions overlap q and v."""
     return tl.where(p == 0, 1, tl.where(p == 1, 0, 2))
 
 
@@ -151,9 +150,8 @@ def _head_amax_k(ws, mean_out, KSTAT, bh, nch, NK, D, CHMAX, BLOCK_D: tl.constex
     """Smoothed k, one head: the mean over tokens from the chunks' channel sums, stored, and the exact max
     |k - mean| from the chunks' channel extremes. The chunks' rows are read RB at a time as one [RB, BLOCK_D]
     tile per statistic, at most MAX_CHUNKS / RB steps (one row at a time before: no measurable difference on the
-    H200, the launch settings were what counted). Loads go through L2 (``.cg``): the
-    chunks were written by other programs of this launch, ordered before us by the counter's acquire. The sum's
-    order is fixed (tiles in order, one reduction tree per tile), so the mean is deterministic."""
+    H200). Loads go through L2 (``.cg``): the chunks were written by other programs of this launch, ordered before
+    us by the counter's acquire. The sum's order is fixed (tiles in order, one tree per tile): a deterministic mean."""
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     offs_r = tl.arange(0, RB)
@@ -173,6 +171,13 @@ def _head_amax_k(ws, mean_out, KSTAT, bh, nch, NK, D, CHMAX, BLOCK_D: tl.constex
     tl.store(mean_out + bh * D + offs_d, mean, mask=dmask)
     dev = tl.where(dmask, tl.maximum(mx - mean, mean - mn), 0.0)
     return _nanmax(dev)
+
+
+@triton.jit
+def _chunks_amax(part, nch):
+    """A head's max over its chunks' maxima (NaN if any is), written by other programs of this launch."""
+    offs_c = tl.arange(0, CHUNK_SLOTS)
+    return _nanmax(tl.load(part + offs_c, mask=offs_c < nch, other=0.0, volatile=True))
 
 
 @triton.jit
@@ -249,13 +254,9 @@ def _stats(q, k, v, ws, desc, mean, cnt, sqb, sqh, sqn, skb, skh, skn, svb, svh,
                 if t == 1:
                     amax = _head_amax_k(ws, mean, KSTAT, bh, nch, NK, D, CHMAX, BLOCK_D)
                 else:
-                    offs_c = tl.arange(0, CHUNK_SLOTS)
-                    amax = _nanmax(tl.load(ws + PART + (t * BH + bh) * CHMAX + offs_c, mask=offs_c < nch, other=0.0,
-                                           volatile=True))
+                    amax = _chunks_amax(ws + PART + (t * BH + bh) * CHMAX, nch)
             else:
-                offs_c = tl.arange(0, CHUNK_SLOTS)
-                amax = _nanmax(tl.load(ws + PART + (t * BH + bh) * CHMAX + offs_c, mask=offs_c < nch, other=0.0,
-                                       volatile=True))
+                amax = _chunks_amax(ws + PART + (t * BH + bh) * CHMAX, nch)
             s = _exponent(amax)
             tl.store(ws + HAMAX + t * BH + bh, amax)
             tl.store(ws + SCALE + t * BH + bh, _scale_of(s))
@@ -330,9 +331,8 @@ def _dequant(o8, out, desc, N, H, D, factor, BLOCK_N: tl.constexpr, BLOCK_D: tl.
 
 # ---------------------------------------------------------------- launching
 
-_STATS_NAMES = ("SMOOTH_K", "TENSOR_MASK", "BLOCK_N", "BLOCK_D", "HB")
-_STATS = Launcher(_stats, _STATS_NAMES, NUM_WARPS)
-_STATS_SMOOTH = Launcher(_stats, _STATS_NAMES, SMOOTH_WARPS)
+_STATS = Launcher(_stats, ("SMOOTH_K", "TENSOR_MASK", "BLOCK_N", "BLOCK_D", "HB"), NUM_WARPS)
+_STATS_SMOOTH = Launcher(_stats, _STATS.names, SMOOTH_WARPS)
 _CAST = Launcher(_cast, ("SMOOTH_K", "EXACT", "BLOCK_N", "BLOCK_D"), NUM_WARPS)
 _DEQUANT = Launcher(_dequant, ("BLOCK_N", "BLOCK_D"), NUM_WARPS)
 
