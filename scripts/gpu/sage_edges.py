@@ -110,22 +110,33 @@ def write(out, result):
         json.dump(result, f, indent=1)
 
 
+def int_list(text: str) -> tuple:
+    """``"40,64"`` -> (40, 64): positive integers, comma-separated (argparse reports anything else)."""
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=".")
     p.add_argument("--cpu-dry-run", action="store_true")
     p.add_argument("--backends", default=None, help="comma-separated subset (default: all of the sweep's)")
-    p.add_argument("--dims", default=None, help="comma-separated head dims in place of the grid's")
-    p.add_argument("--nq", default=None, help="comma-separated query lengths in place of the grid's")
-    p.add_argument("--nk", default=None, help="comma-separated key lengths in place of the grid's")
+    p.add_argument("--dims", type=int_list, default=None, help="comma-separated head dims in place of the grid's")
+    p.add_argument("--nq", type=int_list, default=None, help="comma-separated query lengths in place of the grid's")
+    p.add_argument("--nk", type=int_list, default=None, help="comma-separated key lengths in place of the grid's")
     p.add_argument("--heads", type=int, default=2, help="heads per call (default 2)")
     p.add_argument("--ignore-limits", action="store_true", help="run the cells the backend's limits refuse too")
     args = p.parse_args(argv)
     device = torch.device("cpu" if args.cpu_dry_run else "cuda")
     grid, names = (CPU_GRID, CPU_BACKENDS) if args.cpu_dry_run else (GPU_GRID, GPU_BACKENDS)
-    for key, text in (("d", args.dims), ("nq", args.nq), ("nk", args.nk)):
-        if text:
-            grid = dict(grid, **{key: tuple(int(x) for x in text.split(","))})
+    for key, values in (("d", args.dims), ("nq", args.nq), ("nk", args.nk)):
+        if values:
+            grid = dict(grid, **{key: values})
     names = args.backends.split(",") if args.backends else names
     result = {"device": str(device), "args": vars(args), "grid": {k: [str(x) for x in v] for k, v in grid.items()},
               "backends": {}}
