@@ -212,7 +212,7 @@ def test_one_measurement_serves_every_budget_and_a_stricter_level_refuses_with_t
     assert "relative error" in refused["int8_mid"] and "quality 'high'" in refused["int8_mid"]
 
 
-def test_the_measurement_log_says_what_each_level_serves(lossy, caplog):
+def test_the_measurement_log_says_what_each_level_serves(lossy, genesis_log):
     """The log line of a measurement named only exact's choice ("chose flash" on Wan 480p, where fast served
     fa3_fp8, H200 2026-12-02): where the levels differ it names each level's pick."""
     from genesis_core.attn.autotune import store
@@ -223,14 +223,12 @@ def test_the_measurement_log_says_what_each_level_serves(lossy, caplog):
     entry = autotune.lookup(sig)
     entry = dict(entry, ms=dict(entry["ms"], fp8_fastest=min(entry["ms"].values()) / 10))
     exact = autotune.pick(entry, list(entry["ms"]), "exact")
-    caplog.clear()
-    with caplog.at_level("INFO", logger="genesis"):
-        store.log_entry(sig, entry)
-    msg = caplog.records[-1].getMessage()
+    del genesis_log[:]
+    store.log_entry(sig, entry)
+    msg = genesis_log[-1]
     assert f"chose {exact} at exact, {exact} at high, fp8_fastest at fast; " in msg, msg
-    with caplog.at_level("INFO", logger="genesis"):
-        store.log_entry(sig, dict(entry, ms={n: t for n, t in entry["ms"].items() if n != "fp8_fastest"}))
-    assert f"chose {entry['chosen']}; " in caplog.records[-1].getMessage()
+    store.log_entry(sig, dict(entry, ms={n: t for n, t in entry["ms"].items() if n != "fp8_fastest"}))
+    assert f"chose {entry['chosen']}; " in genesis_log[-1], genesis_log[-1]
 
 
 def test_explicit_lossy_choice_is_guarded_on_the_live_inputs(lossy, genesis_log):
