@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_helpers import comfyui_path, load_pack
+from comfy_helpers import comfyui_path, load_pack, torchvision_stub_env
 
 pack = load_pack()
 interop = importlib.import_module(pack.__name__ + ".genesis_core.interop")
@@ -266,14 +266,7 @@ def sampled():
     # One thread: a tiny model's kernels are far shorter than a thread hand-off on a busy 2-core machine.
     env = dict(os.environ, COMFYUI_PATH=str(COMFY), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as tmp:
-        if importlib.util.find_spec("torchvision") is None:
-            # comfy.model_base imports torchvision for models this test never builds (Cosmos): where no
-            # torchvision wheel matches the installed torch, an empty stand-in lets ComfyUI's sampler import.
-            stub = Path(tmp) / "torchvision"
-            stub.mkdir()
-            (stub / "__init__.py").write_text("from . import transforms  # noqa\n")
-            (stub / "transforms.py").write_text("")
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [tmp, env.get("PYTHONPATH")]))
+        env = torchvision_stub_env(env, Path(tmp))
         code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                 f"import test_comfyui_quality_steps as t; t._entry()")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_helpers import REPO, comfyui_path
+from comfy_helpers import REPO, comfyui_path, torchvision_stub_env
 from genesis_core.parallel.launch import WorkerFailed, free_port
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'comfyui-genesis[ray]')")
@@ -310,12 +310,9 @@ def test_wan_across_two_ray_nodes_and_a_killed_worker(driver):
 def test_multigpu_node_on_comfyui_sampler_equals_one_process(driver, tmp_path):
     """In a fresh interpreter (ComfyUI's top-level modules must not leak here): a tiny Wan 2.1 built from
     ComfyUI's supported-model config, a weight patch on it, KSampler with CFG 4, with and without the node."""
-    stub = tmp_path / "stub" / "torchvision"  # torchvision does not import beside torch 2.13 CPU; ComfyUI's model
-    stub.mkdir(parents=True)                  # registry imports it at module level (comfy.ldm.cosmos) only
-    (stub / "__init__.py").write_text("from . import transforms  # noqa\n")
-    (stub / "transforms.py").write_text("def __getattr__(name):\n    raise ImportError('torchvision stub')\n")
     env = dict(os.environ, **RAY_ENV, COMFYUI_PATH=str(COMFY), GENESIS_RAY_ADDRESS=driver["address"],
-               PYTHONPATH=os.pathsep.join([str(tmp_path / "stub"), str(REPO), TESTS]))
+               PYTHONPATH=os.pathsep.join([str(REPO), TESTS]))
+    env = torchvision_stub_env(env, tmp_path / "stub")
     code = f"import sys; sys.path.insert(0, {TESTS!r}); import test_parallel_ray as t; t._sampler_main()"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=540, env=env,
                          cwd=str(COMFY))
