@@ -52,12 +52,12 @@ def torchvision_stub_env(env: dict, folder: Path) -> dict:
     """``env`` with an empty ``torchvision`` stand-in first on PYTHONPATH. ComfyUI imports torchvision at module
     level for models these tests never build (Cascade, Cosmos, ACE), and no torchvision wheel imports beside the
     CPU torch 2.13 these tests run on (one may be installed and still fail to import, so the stand-in is used
-    always). Touching anything in it raises ImportError naming it."""
+    always). Anything read from it is an AttributeError saying so (an ImportError in ``from ... import``)."""
     stub = Path(folder) / "torchvision"
     stub.mkdir(parents=True, exist_ok=True)
     missing = ("def __getattr__(name):\n"
-               "    raise ImportError(f'torchvision.{name}: the Genesis tests run ComfyUI with an empty torchvision "
-               "stand-in')\n")
+               "    raise AttributeError(f'torchvision.{name}: the Genesis tests run ComfyUI with an empty "
+               "torchvision stand-in')\n")
     (stub / "__init__.py").write_text("from . import transforms  # noqa: F401\n" + missing)
     (stub / "transforms.py").write_text(missing)
     return dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(folder), env.get("PYTHONPATH")])))
