@@ -83,37 +83,55 @@ def local_ranges(dims, start: int, real: int, length: int, total: int, tail: int
     return out
 
 
-class _WanBlocks(BlockPatches):
+class _StackBlocks(BlockPatches):
+    """One stack of ``n`` blocks (ComfyUI's ``double_block`` patches): the first block shards the image tokens,
+    every block runs on the shard, the last gathers them. Subclasses say how the first block shards."""
+
     def __init__(self, mesh, n_blocks: int):
         super().__init__(mesh)
         self.n = n_blocks
 
+    def enter(self, args: Dict[str, Any]):
+        """(this rank's image shard, its :class:`Shard`) at the first block."""
+        raise NotImplementedError
+
+    def block_args(self, st: Shard, args: Dict[str, Any], x: torch.Tensor) -> Dict[str, Any]:
+        return {**args, "img": x}
+
     def patch(self, i: int):
-        def wan_block(args: Dict[str, Any], extra: Dict[str, Any]):
+        def stack_block(args: Dict[str, Any], extra: Dict[str, Any]):
             x = args["img"]
             if i == 0:
-                pe, vec, txt = args["pe"], args["vec"], args["txt"]
-                n = x.shape[1]
-                minimum = txt.shape[1] + 1  # cross-attention keys are never as many as a shard
-                x, length, real = self.split(x, 1, minimum)
-                if pe is None or pe.shape[1] != n:
-                    raise ValueError(f"Wan sequence mode: RoPE frequencies must have one row per token ({n}); got "
-                                     f"{None if pe is None else tuple(pe.shape)}")
-                pe = self.split(pe, 1, minimum)[0]
-                if vec.dim() >= 2 and vec.shape[1] == n and n > 1:  # per-token timesteps (Wan 2.2 TI2V)
-                    vec = self.split(vec, 1, minimum)[0]
-                elif vec.dim() >= 2 and vec.shape[1] != 1:
-                    raise ValueError(f"Wan sequence mode: a modulation with {vec.shape[1]} rows for {n} tokens "
-                                     "cannot be sharded; use mode 'cfg'")
-                self.st = Shard(n, length, real, pe=pe, vec=vec, joints={length: (0, 0)}, model="Wan")
+                x, self.st = self.enter(args)
             st = self.st
-            out = self.run(st, extra["original_block"], {**args, "img": x, "pe": st.pe, "vec": st.vec})
+            out = self.run(st, extra["original_block"], self.block_args(st, args, x))
             if i == self.n - 1:
                 out["img"] = self.gather(out["img"], st.real)
                 self.st = None
             return out
 
-        return wan_block
+        return stack_block
+
+
+class _WanBlocks(_StackBlocks):
+    def enter(self, args: Dict[str, Any]):
+        x, pe, vec, txt = args["img"], args["pe"], args["vec"], args["txt"]
+        n = x.shape[1]
+        minimum = txt.shape[1] + 1  # cross-attention keys are never as many as a shard
+        x, length, real = self.split(x, 1, minimum)
+        if pe is None or pe.shape[1] != n:
+            raise ValueError(f"Wan sequence mode: RoPE frequencies must have one row per token ({n}); got "
+                             f"{None if pe is None else tuple(pe.shape)}")
+        pe = self.split(pe, 1, minimum)[0]
+        if vec.dim() >= 2 and vec.shape[1] == n and n > 1:  # per-token timesteps (Wan 2.2 TI2V)
+            vec = self.split(vec, 1, minimum)[0]
+        elif vec.dim() >= 2 and vec.shape[1] != 1:
+            raise ValueError(f"Wan sequence mode: a modulation with {vec.shape[1]} rows for {n} tokens "
+                             "cannot be sharded; use mode 'cfg'")
+        return x, Shard(n, length, real, pe=pe, vec=vec, joints={length: (0, 0)}, model="Wan")
+
+    def block_args(self, st: Shard, args: Dict[str, Any], x: torch.Tensor) -> Dict[str, Any]:
+        return {**args, "img": x, "pe": st.pe, "vec": st.vec}
 
 
 class _FluxBlocks(BlockPatches):
@@ -186,30 +204,15 @@ class _FluxBlocks(BlockPatches):
         return single_block
 
 
-class _SD3Blocks(BlockPatches):
-    def __init__(self, mesh, n_blocks: int):
-        super().__init__(mesh)
-        self.n = n_blocks
-
-    def patch(self, i: int):
-        def sd3_block(args: Dict[str, Any], extra: Dict[str, Any]):
-            x = args["img"]
-            if i == 0:
-                txt = args.get("txt")
-                nt = 0 if txt is None else txt.shape[1]
-                n = x.shape[1]
-                x, length, real = self.split(x, 1)
-                # joint attention over [context, image shard]; SD3.5's image-only self-attention over the shard
-                self.st = Shard(n, length, real, start=self.start_of(length, n),
-                                joints={length: (0, 0), nt + length: (nt, 0)}, model="SD3")
-            st = self.st
-            out = self.run(st, extra["original_block"], {**args, "img": x})
-            if i == self.n - 1:
-                out["img"] = self.gather(out["img"], st.real)
-                self.st = None
-            return out
-
-        return sd3_block
+class _SD3Blocks(_StackBlocks):
+    def enter(self, args: Dict[str, Any]):
+        x, txt = args["img"], args.get("txt")
+        nt = 0 if txt is None else txt.shape[1]
+        n = x.shape[1]
+        x, length, real = self.split(x, 1)
+        # joint attention over [context, image shard]; SD3.5's image-only self-attention over the shard
+        return x, Shard(n, length, real, start=self.start_of(length, n),
+                        joints={length: (0, 0), nt + length: (nt, 0)}, model="SD3")
 
 
 def sequence_transformer_options(diffusion_model, mesh, backend: str = "auto", ring_impl: str = "ring",
