@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -200,9 +200,9 @@ def session_for(settings: ParallelSettings) -> "ParallelSession":
         for other in [o for o in _sessions if o.placement == settings.placement or _may_share_gpus(o, settings)]:
             # The same workers attending differently, or a pool that may hold GPUs the new one needs (Ray would
             # keep the new placement waiting until its start timeout): the old pool lets its GPUs go first.
-            changed = ", ".join(f"{name} {getattr(other, name)} -> {getattr(settings, name)}"
-                                for name in ("cfg", "ulysses", "ring", "gpu_ids", "backend", "ring_impl", "timeout_s")
-                                if getattr(other, name) != getattr(settings, name))
+            changed = ", ".join(
+                f"{f.name} {getattr(other, f.name)} -> {getattr(settings, f.name)}" for f in fields(settings)
+                if f.compare and getattr(other, f.name) != getattr(settings, f.name))
             logger.info("Multi-GPU: worker settings changed (%s); stopping the previous workers", changed)
             _sessions.pop(other).pool.close()
         init = {}
